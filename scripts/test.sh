@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Command 2 of the README: create .venv if needed, install ecaseg with its dev extras, then run
+# lint (ruff), the type checker (mypy), the whole test suite (pytest) and the docs build (Sphinx, -W).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "== ruff"
+.venv/bin/ruff check ecaseg tests examples benchmarks
+.venv/bin/ruff format --check ecaseg tests examples benchmarks
+echo "== mypy"
+.venv/bin/mypy
+echo "== sphinx"
+rm -rf docs/_build
+.venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+echo "== pytest"
+.venv/bin/python -m pytest -n 2 -q "$@"
