@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "is_distributed", "is_main_process"]
+__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "init_distributed", "is_distributed", "is_main_process"]
 
 
 def is_distributed() -> bool:
@@ -33,3 +33,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def init_distributed() -> bool:
+    """Initialise the default process group from ``torchrun``'s environment (``WORLD_SIZE`` > 1).
+
+    NCCL on CUDA, gloo on the CPU. Returns whether a multi-process group is active.
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return is_distributed()
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True

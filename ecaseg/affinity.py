@@ -1,0 +1,184 @@
+"""Affinity labels and the affinity-from-attention loss (AFA's L_aff, used by ECA's Eq. (12)).
+
+The refined pseudo-label is downsampled (nearest) to the stage-4 grid ``h x w`` (1/16). Two patches ``i``
+and ``j`` within the square window ``|y_i - y_j| <= r`` and ``|x_i - x_j| <= r`` (radius ``r = 8``, the
+pair ``i = j`` included) and both not ignored form a
+
+* background-positive pair when both are background (label 0),
+* foreground-positive pair when both carry the same foreground class,
+* negative pair when their labels differ.
+
+The predicted affinity ``A = sigmoid(...)`` of shape ``[B, N, N]`` is trained with
+
+    L_aff = 1/2 * mean_{R+} (1 - A_ij) + 1/2 * mean_{R-} A_ij
+
+with ``R+ = bg_pos | fg_pos`` pooled over the batch (AFA's released loss). ``split_positives=True``
+averages the background and foreground positives separately
+(``1/4 mean_bg (1 - A) + 1/4 mean_fg (1 - A) + 1/2 mean_neg A``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AffinityLabels",
+    "AffinityLoss",
+    "affinity_labels",
+    "affinity_loss",
+    "downsample_label",
+    "radius_mask",
+]
+
+
+@dataclass
+class AffinityLabels:
+    """Boolean pair masks ``[B, N, N]`` (N = h * w, row-major patches)."""
+
+    bg_pos: torch.Tensor
+    fg_pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def downsample_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour downsampling of a label map ``[B, H, W]`` to ``size`` -> long ``[B, h, w]``.
+
+    Example:
+        >>> downsample_label(torch.tensor([[[1, 1, 2, 2], [1, 1, 2, 2]]]), (1, 2))
+        tensor([[[1, 2]]])
+    """
+    if label.dim() != 3:
+        raise ValueError(f"label must be [B, H, W], got {tuple(label.shape)}")
+    out = F.interpolate(label[:, None].float(), size=tuple(size), mode="nearest")
+    return out[:, 0].long()
+
+
+def radius_mask(h: int, w: int, radius: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool ``[N, N]``: patches within ``radius`` of each other in both directions (square window).
+
+    Example:
+        >>> radius_mask(1, 3, 1).int()
+        tensor([[1, 1, 0],
+                [1, 1, 1],
+                [0, 1, 1]], dtype=torch.int32)
+    """
+    ys = torch.arange(h, device=device).repeat_interleave(w)
+    xs = torch.arange(w, device=device).repeat(h)
+    return ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
+
+
+def affinity_labels(label: torch.Tensor, radius: int = 8, ignore_index: int = 255) -> AffinityLabels:
+    """Pairwise affinity targets from a pseudo-label on the affinity grid.
+
+    Args:
+        label: ``[B, h, w]`` integer pseudo-label at the grid of the affinity prediction (1/16).
+        radius: pairs further apart than this (in either direction) are left out.
+        ignore_index: label of uncertain patches; every pair touching one is left out.
+
+    Returns:
+        :class:`AffinityLabels` with disjoint ``bg_pos``, ``fg_pos`` and ``neg`` masks ``[B, N, N]``.
+
+    Example:
+        >>> a = affinity_labels(torch.tensor([[[0, 1, 255]]]), radius=1)
+        >>> a.bg_pos.int()[0, 0].tolist(), a.fg_pos.int()[0, 1].tolist(), a.neg.int()[0, 0].tolist()
+        ([1, 0, 0], [0, 1, 0], [0, 1, 0])
+    """
+    if label.dim() != 3:
+        raise ValueError(f"label must be [B, h, w], got {tuple(label.shape)}")
+    b, h, w = label.shape
+    flat = label.reshape(b, h * w).long()
+    ok = flat != ignore_index
+    pair_ok = ok[:, :, None] & ok[:, None, :] & radius_mask(h, w, radius, label.device)[None]
+    same = flat[:, :, None] == flat[:, None, :]
+    is_bg = (flat == 0)[:, :, None]
+    return AffinityLabels(
+        bg_pos=pair_ok & same & is_bg,
+        fg_pos=pair_ok & same & ~is_bg,
+        neg=pair_ok & ~same,
+    )
+
+
+def affinity_loss(
+    aff_pred: torch.Tensor, labels: AffinityLabels, split_positives: bool = False
+) -> torch.Tensor:
+    """Affinity loss of AFA: pull positive pairs' affinity to 1 and negative pairs' to 0.
+
+    Means are over all pairs of the batch; an empty set contributes 0 (its count is clamped to 1).
+
+    Args:
+        aff_pred: ``[B, N, N]`` predicted affinities in ``[0, 1]`` (sigmoid outputs).
+        labels: the pair masks from :func:`affinity_labels`.
+        split_positives: average background and foreground positives separately (each weighted 1/4)
+            instead of pooling them (AFA's released code, the default).
+
+    Returns:
+        scalar float32 loss.
+
+    Example:
+        >>> lab = affinity_labels(torch.tensor([[[0, 1]]]), radius=1)
+        >>> affinity_loss(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), lab)
+        tensor(0.)
+    """
+    if aff_pred.shape != labels.neg.shape:
+        raise ValueError(f"aff_pred shape {tuple(aff_pred.shape)} != label shape {tuple(labels.neg.shape)}")
+    a = aff_pred.float()
+    neg = labels.neg.float()
+    neg_term = (neg * a).sum() / neg.sum().clamp_min(1.0)
+    if split_positives:
+        bg = labels.bg_pos.float()
+        fg = labels.fg_pos.float()
+        bg_term = (bg * (1.0 - a)).sum() / bg.sum().clamp_min(1.0)
+        fg_term = (fg * (1.0 - a)).sum() / fg.sum().clamp_min(1.0)
+        return 0.25 * bg_term + 0.25 * fg_term + 0.5 * neg_term
+    pos = (labels.bg_pos | labels.fg_pos).float()
+    pos_term = (pos * (1.0 - a)).sum() / pos.sum().clamp_min(1.0)
+    return 0.5 * pos_term + 0.5 * neg_term
+
+
+class AffinityLoss(nn.Module):
+    """Module computing :func:`affinity_labels` from a pseudo-label and then :func:`affinity_loss`.
+
+    Args:
+        radius: pair radius on the affinity grid.
+        ignore_index: label of uncertain pixels.
+        split_positives: see :func:`affinity_loss`.
+
+    Example:
+        >>> crit = AffinityLoss(radius=8)
+        >>> pred = torch.full((1, 4, 4), 0.5)
+        >>> crit(pred, torch.zeros(1, 32, 32, dtype=torch.long))  # label downsampled to 2x2
+        tensor(0.2500)
+    """
+
+    def __init__(self, radius: int = 8, ignore_index: int = 255, split_positives: bool = False) -> None:
+        super().__init__()
+        self.radius = radius
+        self.ignore_index = ignore_index
+        self.split_positives = split_positives
+
+    def forward(self, aff_pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``aff_pred [B, N, N]``, ``label [B, H, W]`` at any resolution (resized to the N = h*w grid).
+
+        The grid is taken as square when ``label`` is square; otherwise ``h = round(sqrt(N * H / W))``.
+        """
+        n = aff_pred.shape[-1]
+        hl, wl = label.shape[-2:]
+        h = round((n * hl / wl) ** 0.5)
+        w = n // max(h, 1)
+        if h * w != n:
+            raise ValueError(
+                f"cannot map N={n} affinity patches onto a grid with the label's aspect {hl}x{wl}"
+            )
+        small = label if (hl, wl) == (h, w) else downsample_label(label, (h, w))
+        return affinity_loss(
+            aff_pred, affinity_labels(small, self.radius, self.ignore_index), self.split_positives
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"radius={self.radius}, ignore_index={self.ignore_index}, split_positives={self.split_positives}"
+        )

@@ -1,0 +1,320 @@
+"""Semantic Affinity Exploitation: class-aware affinity region maps (Section 3.2 of the ECA paper).
+
+* :func:`select_seeds` -- Eq. (3): exclusive top-``k`` CAM seeds per class.
+* :func:`affinity_graph` -- Eq. (4): cosine similarity of DINO patch keys.
+* :func:`foreground_cue` -- Eq. (5): cosine similarity of the class-token query with the patch keys.
+* :func:`region_maps` -- Eq. (6)-(7): seed propagation on the thresholded graph, min-max per map.
+* :class:`CARMGenerator` -- the whole SAE module (seeds -> graph -> CARM -> prototype calibration,
+  Eq. (8)-(10) via :class:`ecaseg.prototypes.MomentumPrototypes`).
+
+All functions are batched over images and classes (no Python loops over classes, seeds or patches) and never
+synchronise with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ecaseg.cam import _no_autocast, background_cam, minmax_normalize
+from ecaseg.prototypes import MomentumPrototypes, _present_classes
+
+__all__ = [
+    "CARMGenerator",
+    "CARMOutput",
+    "affinity_graph",
+    "foreground_cue",
+    "region_maps",
+    "select_seeds",
+]
+
+
+def select_seeds(cams: Tensor, labels: Tensor, k: float) -> Tensor:
+    """Exclusive initial CAM seeds, Eq. (3): ``Q_c = Top_k(M_c * 1[argmax_c M = c])``.
+
+    Each patch is first assigned to the class with the highest score among the background (index 0) and the
+    image's labelled classes (ties go to the lower index). For the background and each labelled class ``c``,
+    let ``n_c`` be the number of patches where the masked activation is non-zero (positive); the seeds are
+    the ``ceil(k * n_c)`` of them with the highest activation (ties broken by position). Unlabelled classes
+    get no seeds, so two classes never share a seed.
+
+    Implementation: masked activations are sorted per ``(image, class)`` row, each position gets its rank
+    ``r``, and a position is kept when its activation is positive and ``r / n_c < k`` (which for an integer
+    rank is exactly ``r < ceil(k n_c)``, without rounding trouble in ``ceil(0.3 * 10)``).
+
+    Args:
+        cams: ``[B, K, N]`` normalised CAMs with the background (Eq. (2)) at index 0.
+        labels: ``[B, K - 1]`` multi-hot foreground labels.
+        k: Fraction of the non-zero masked activations kept, in ``(0, 1]`` (paper: 0.3).
+
+    Returns:
+        BoolTensor ``[B, K, N]``.
+
+    Example:
+        >>> cams = torch.tensor([[[0.1, 0.2, 0.9, 0.8], [0.9, 0.8, 0.1, 0.2]]])
+        >>> select_seeds(cams, torch.ones(1, 1), k=0.5).int().tolist()
+        [[[0, 0, 1, 0], [1, 0, 0, 0]]]
+    """
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    if cams.dim() != 3:
+        raise ValueError(f"cams must be [B, K, N] with the background first, got {tuple(cams.shape)}")
+    batch, num_classes, n = cams.shape
+    present = _present_classes(labels, batch, num_classes)  # [B, K]
+    scores = cams.float()
+    winner = scores.masked_fill(~present.unsqueeze(-1), float("-inf")).argmax(dim=1)  # [B, N]
+    owner = torch.arange(num_classes, device=cams.device).view(1, -1, 1) == winner.unsqueeze(1)
+    masked = torch.where(owner & present.unsqueeze(-1), scores, torch.zeros_like(scores))
+    positive = masked > 0
+    count = positive.sum(dim=-1, keepdim=True).clamp_min(1)  # n_c, [B, K, 1]
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(n, device=cams.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return positive & (rank.float() / count.float() < k)
+
+
+def affinity_graph(keys: Tensor, eps: float = 1e-8) -> Tensor:
+    """Class-agnostic affinity graph, Eq. (4): cosine similarity between all pairs of patch keys.
+
+    Args:
+        keys: ``[B, N, D]`` DINO keys of the last block (heads concatenated).
+        eps: Norm floor (a zero key has similarity 0).
+
+    Returns:
+        ``[B, N, N]`` float32 in ``[-1, 1]``.
+
+    Example:
+        >>> affinity_graph(torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])).round(decimals=4)
+        tensor([[[1.0000, 0.7071],
+                 [0.7071, 1.0000]]])
+    """
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be [B, N, D], got {tuple(keys.shape)}")
+    with _no_autocast(keys.device):
+        unit = F.normalize(keys.float(), dim=-1, eps=eps)
+        return unit @ unit.transpose(1, 2)
+
+
+def foreground_cue(cls_query: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor:
+    """Foreground-cue map, Eq. (5): cosine similarity of the class-token query with each patch key.
+
+    Args:
+        cls_query: ``[B, D]`` query of the class token (heads concatenated).
+        keys: ``[B, N, D]`` patch keys.
+        eps: Norm floor.
+
+    Returns:
+        ``[B, N]`` float32 in ``[-1, 1]``.
+
+    Example:
+        >>> foreground_cue(torch.tensor([[1.0, 0.0]]), torch.tensor([[[2.0, 0.0], [0.0, 3.0]]]))
+        tensor([[1., 0.]])
+    """
+    if keys.dim() != 3 or cls_query.dim() != 2 or cls_query.shape != (keys.shape[0], keys.shape[2]):
+        raise ValueError(
+            f"cls_query must be [B, D] and keys [B, N, D] with the same B and D, got "
+            f"{tuple(cls_query.shape)} and {tuple(keys.shape)}"
+        )
+    with _no_autocast(keys.device):
+        q = F.normalize(cls_query.float(), dim=-1, eps=eps)
+        kk = F.normalize(keys.float(), dim=-1, eps=eps)
+        return torch.einsum("bd,bnd->bn", q, kk)
+
+
+def region_maps(
+    seeds: Tensor,
+    graph: Tensor,
+    fg_cue: Tensor,
+    gamma: float,
+    clamp_fg_cue: bool = True,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Class-aware affinity region maps (CARM), Eq. (6) and (7), min-max normalised per map.
+
+    ``A(i) = G(i, :) > gamma`` (Eq. 6); for a foreground class ``CARM_c = (sum_{i in Q_c} A(i)) * I_fg`` and
+    for the background ``CARM_0 = sum_{i in Q_0} A(i)`` (Eq. 7), i.e. the degree of every patch towards the
+    class's seeds. Computed for all classes at once as ``seeds @ (graph > gamma)``. Each map is then
+    min-max normalised to ``[0, 1]``; a class without seeds (or a constant map) is all zero.
+
+    The cosine cue ``I_fg`` can be negative. With ``clamp_fg_cue=True`` (default) it is clamped at 0, so a
+    patch the class token finds dissimilar gets a zero foreground score instead of a negative one that the
+    min-max would map above the score of unconnected patches; with ``False`` the raw cue is used.
+
+    Args:
+        seeds: ``[B, K, N]`` bool seeds (background first), e.g. from :func:`select_seeds`.
+        graph: ``[B, N, N]`` affinity graph (:func:`affinity_graph`).
+        fg_cue: ``[B, N]`` foreground cue (:func:`foreground_cue`).
+        gamma: Graph threshold (paper: 0.15 for DINO ViT-S/8).
+        clamp_fg_cue: Clamp the foreground cue at 0.
+        eps: Passed to :func:`ecaseg.cam.minmax_normalize`.
+
+    Returns:
+        ``[B, K, N]`` float32 in ``[0, 1]``.
+
+    Example:
+        >>> graph = torch.tensor([[[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+        >>> seeds = torch.tensor([[[False, False, True], [True, False, False]]])
+        >>> region_maps(seeds, graph, torch.tensor([[1.0, 0.5, 0.2]]), gamma=0.15).tolist()
+        [[[0.0, 0.0, 1.0], [1.0, 0.5, 0.0]]]
+    """
+    if seeds.dim() != 3 or graph.dim() != 3:
+        raise ValueError(
+            f"seeds must be [B, K, N] and graph [B, N, N], got {tuple(seeds.shape)}, {tuple(graph.shape)}"
+        )
+    batch, num_classes, n = seeds.shape
+    if graph.shape != (batch, n, n):
+        raise ValueError(f"graph must be [B, N, N] = [{batch}, {n}, {n}], got {tuple(graph.shape)}")
+    if fg_cue.shape != (batch, n):
+        raise ValueError(f"fg_cue must be [B, N] = [{batch}, {n}], got {tuple(fg_cue.shape)}")
+    with _no_autocast(graph.device):
+        adjacency = (graph > gamma).float()
+        degree = seeds.float() @ adjacency  # [B, K, N]: sum of A(i) over each class's seeds
+        cue = fg_cue.float().clamp_min(0.0) if clamp_fg_cue else fg_cue.float()
+        is_fg = (torch.arange(num_classes, device=seeds.device) > 0).view(1, -1, 1)
+        maps = torch.where(is_fg, degree * cue.unsqueeze(1), degree)
+        return minmax_normalize(maps, eps)
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample ``[B, C, h, w]`` to ``size``: area averaging when shrinking, bilinear otherwise."""
+    if (x.shape[-2], x.shape[-1]) == tuple(size):
+        return x
+    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class CARMOutput:
+    """Result of :class:`CARMGenerator`.
+
+    Attributes:
+        carm: ``[B, K, h, w]`` calibrated CARM at the CAM grid, in ``[0, 1]`` (equal to ``carm_raw`` when
+            calibration is off); background at index 0, unlabelled classes zero.
+        carm_raw: ``[B, K, h, w]`` CARM before calibration (Eq. (7)), at the CAM grid.
+        seeds: ``[B, K, hd * wd]`` bool seeds on the DINO grid (Eq. (3)).
+    """
+
+    carm: Tensor
+    carm_raw: Tensor
+    seeds: Tensor
+
+
+class CARMGenerator(nn.Module):
+    """Semantic Affinity Exploitation (SAE): CAM seeds + DINO affinity -> calibrated CARM, Eq. (2)-(10).
+
+    Work is done on the DINO patch grid ``(hd, wd)`` and the result is brought back to the CAM grid
+    ``(h, w)``:
+
+    1. the normalised foreground CAM is resampled to the DINO grid (bilinear when upsampling, area average
+       when shrinking) and the background CAM is computed there (Eq. (2));
+    2. seeds (Eq. (3)), graph (Eq. (4)), foreground cue (Eq. (5)) and CARM (Eq. (6)-(7)) on the DINO grid;
+    3. the caller's ``features`` (the trainer passes the backbone's detached stage-4 map) are resampled to
+       the DINO grid the same way, so the seeds index tokens directly: prototypes are updated with exactly
+       the seed sets ``Q_c`` (Eq. (8)) and the CARM is calibrated there (Eq. (9)-(10));
+    4. raw and calibrated CARMs are area-averaged (or bilinearly upsampled) to the CAM grid and min-max
+       normalised again per map.
+
+    Everything runs under :func:`torch.no_grad`.
+
+    Args:
+        num_classes: ``K`` including background (21 for VOC).
+        feature_dim: Channels of ``features`` (prototype dimension).
+        k: Seed fraction of Eq. (3) (paper: 0.3).
+        gamma: Graph threshold of Eq. (6) (paper: 0.15).
+        momentum: Prototype momentum ``tau`` of Eq. (8) (the paper gives none; 0.9).
+        calibrate: Apply Eq. (9)-(10); ``False`` is the "w/o calibration" ablation (``carm == carm_raw``).
+        clamp_fg_cue: Clamp the foreground cue at 0 (see :func:`region_maps`).
+
+    Example:
+        >>> gen = CARMGenerator(num_classes=3, feature_dim=4)
+        >>> out = gen(torch.rand(1, 2, 2, 2), torch.tensor([[1.0, 0.0]]), torch.randn(1, 16, 6),
+        ...           torch.randn(1, 6), (4, 4), torch.randn(1, 4, 2, 2))
+        >>> tuple(out.carm.shape), tuple(out.seeds.shape)
+        ((1, 3, 2, 2), (1, 3, 16))
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        k: float = 0.3,
+        gamma: float = 0.15,
+        momentum: float = 0.9,
+        calibrate: bool = True,
+        clamp_fg_cue: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"k must be in (0, 1], got {k}")
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.k = k
+        self.gamma = gamma
+        self.calibrate = calibrate
+        self.clamp_fg_cue = clamp_fg_cue
+        self.prototypes = MomentumPrototypes(num_classes, feature_dim, momentum)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        cams: Tensor,
+        labels: Tensor,
+        keys: Tensor,
+        cls_query: Tensor,
+        dino_grid: tuple[int, int],
+        features: Tensor,
+        update_prototypes: bool = True,
+    ) -> CARMOutput:
+        """Compute the CARM of a batch.
+
+        Args:
+            cams: ``[B, C, h, w]`` normalised foreground CAMs (absent classes are zeroed here anyway).
+            labels: ``[B, C]`` multi-hot labels.
+            keys: ``[B, hd * wd, D]`` DINO patch keys (row-major).
+            cls_query: ``[B, D]`` DINO class-token query.
+            dino_grid: ``(hd, wd)``.
+            features: ``[B, feature_dim, hf, wf]`` tokens for the prototypes and Eq. (9) (any grid).
+            update_prototypes: Run the Eq. (8) update before calibrating (all-reduced under DDP: every
+                rank must pass the same value).
+
+        Returns:
+            :class:`CARMOutput`.
+        """
+        if cams.dim() != 4 or cams.shape[1] != self.num_classes - 1:
+            raise ValueError(f"cams must be [B, {self.num_classes - 1}, h, w], got {tuple(cams.shape)}")
+        batch = cams.shape[0]
+        hd, wd = int(dino_grid[0]), int(dino_grid[1])
+        if keys.dim() != 3 or keys.shape[:2] != (batch, hd * wd):
+            raise ValueError(f"keys must be [B, hd*wd, D] = [{batch}, {hd * wd}, D], got {tuple(keys.shape)}")
+        if features.dim() != 4 or features.shape[:2] != (batch, self.feature_dim):
+            raise ValueError(
+                f"features must be [B, {self.feature_dim}, h, w] with B = {batch}, "
+                f"got {tuple(features.shape)}"
+            )
+        present = _present_classes(labels, batch, self.num_classes)
+        cam_hw = (cams.shape[-2], cams.shape[-1])
+        with _no_autocast(cams.device):
+            fg = _resize(cams.float() * present[:, 1:, None, None].float(), (hd, wd)).flatten(2)
+            scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
+            seeds = select_seeds(scores, labels, self.k)
+            graph = affinity_graph(keys)
+            cue = foreground_cue(cls_query, keys)
+            carm_d = region_maps(seeds, graph, cue, self.gamma, self.clamp_fg_cue)
+            carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
+            if not (self.calibrate or update_prototypes):
+                return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)
+            tokens = _resize(features.detach().float(), (hd, wd)).flatten(2).transpose(1, 2)  # [B, N, Df]
+            if update_prototypes:
+                self.prototypes.update(tokens, seeds)
+            if not self.calibrate:
+                return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)
+            calibrated = self.prototypes.calibrate(carm_d, tokens, labels)
+            carm = minmax_normalize(_resize(calibrated.view(batch, -1, hd, wd), cam_hw))
+        return CARMOutput(carm=carm, carm_raw=carm_raw, seeds=seeds)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, k={self.k}, gamma={self.gamma}, calibrate={self.calibrate}"

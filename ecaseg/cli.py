@@ -1,0 +1,365 @@
+"""The ``ecaseg`` command line: train, evaluate, predict, pseudo-labels, visualize, demo, configs.
+
+Every user error (missing dataset root, bad checkpoint, unreadable image, invalid config) ends with one
+line on stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ecaseg.crf import CRFParams
+from ecaseg.data import read_image
+from ecaseg.engine.builders import build_carm_generator, build_dataset, build_dino, build_model, build_par, needs_dino
+from ecaseg.engine.config import Config, apply_overrides, available_configs, config_from_dict, config_to_dict, load_config
+from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
+from ecaseg.engine.inference import overlay, predict_labels, to_network_input, write_png
+from ecaseg.engine.pseudo import PseudoLabelPipeline
+from ecaseg.engine.trainer import ECATrainer, check_compatible, load_checkpoint
+from ecaseg.engine.visualize import heatmap, label_panel, panel_row, to_rgb_uint8
+from ecaseg.errors import CheckpointError, DatasetError, EcasegError
+from ecaseg.metrics import SegmentationMetric, format_iou_table
+from ecaseg.models import ECANet
+from ecaseg.utils.dist import init_distributed, is_main_process
+from ecaseg.utils.io import atomic_write_text
+
+__all__ = ["build_parser", "main"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, Any]]:
+    """Config and network of ``--checkpoint`` (checked against ``--config`` when one is given)."""
+    ckpt = load_checkpoint(args.checkpoint)
+    saved = config_from_dict(ckpt["config"])
+    overrides = getattr(args, "overrides", []) or []
+    if getattr(args, "config", None):
+        cfg = load_config(args.config, overrides)
+        check_compatible(saved, cfg)
+    else:
+        cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
+    num_classes = len(ckpt.get("class_names") or []) or int(ckpt["model"]["classifier.weight"].shape[0]) + 1
+    net = build_model(cfg, num_classes, load_weights=False)
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not match the network: {err}") from None
+    return cfg, net, ckpt
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    init_distributed()
+    cfg = load_config(args.config, args.overrides)
+    trainer = ECATrainer(cfg, args.work_dir, resume=args.resume, progress=not args.no_progress)
+    metrics = trainer.train()
+    if is_main_process():
+        print(json.dumps({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg, net, ckpt = _load_network(args)
+    device = _device(args.device)
+    net.to(device)
+    split = args.split or cfg.data.val_split
+    dataset = build_dataset(cfg, split, train=False)
+    scales = cfg.eval.msc_scales if args.msc else cfg.eval.scales
+    crf = CRFParams() if args.crf else None
+    result = evaluate_segmentation(
+        net,
+        dataset,
+        device=device,
+        scales=scales,
+        flip=args.flip,
+        crf=crf,
+        crf_workers=cfg.eval.crf_workers,
+        max_images=args.max_images,
+        amp=cfg.train.amp,
+    )
+    class_names = list(ckpt.get("class_names") or getattr(dataset, "class_names", []))
+    report = {
+        "miou": result["miou"],
+        "per_class_iou": result["per_class_iou"],
+        "pixel_accuracy": result["pixel_accuracy"],
+        "mean_accuracy": result["mean_accuracy"],
+        "class_names": class_names,
+        "settings": {
+            "checkpoint": str(args.checkpoint),
+            "config": cfg.name,
+            "split": split,
+            "scales": list(scales),
+            "flip": args.flip,
+            "crf": args.crf,
+            "max_images": args.max_images,
+        },
+    }
+    print(format_iou_table(result["per_class_iou"], class_names, title=f"{cfg.name} ({split})"))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=True))
+    return 0
+
+
+def _collect_images(inputs: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DatasetError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DatasetError(f"input {path} does not exist")
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    cfg, net, _ = _load_network(args)
+    device = _device(args.device)
+    net.to(device).eval()
+    out_dir = Path(args.out)
+    scales = cfg.eval.msc_scales if args.msc else cfg.eval.scales
+    crf = CRFParams() if args.crf else None
+    paths = _collect_images(args.inputs)
+    for path in tqdm(paths, desc="predict"):
+        image = read_image(path)
+        tensor = to_network_input(image, device)
+        label = predict_labels(
+            net, tensor, image[None], scales=scales, flip=args.flip, crf=crf, amp=cfg.train.amp
+        )[0].cpu().numpy()
+        write_png(out_dir / f"{path.stem}.png", label, palette=True)
+        write_png(out_dir / f"{path.stem}_overlay.png", overlay(image, label))
+    print(f"wrote {len(paths)} predictions to {out_dir}")
+    return 0
+
+
+def _labeler(cfg: Config, net: ECANet, ckpt: dict[str, Any], device: torch.device) -> PseudoLabelPipeline:
+    dino = carm = None
+    if needs_dino(cfg):
+        dino = build_dino(cfg).to(device)
+        carm = build_carm_generator(cfg, net.num_classes, net.feature_dim).to(device)
+        if ckpt.get("carm") is not None:
+            carm.load_state_dict(ckpt["carm"])
+    m = cfg.method
+    return PseudoLabelPipeline(
+        net,
+        build_par(cfg).to(device),
+        dino,
+        carm,
+        cam_scales=m.cam_scales,
+        cam_flip=m.cam_flip,
+        alpha=m.alpha,
+        band=m.band,
+        par_downsample=m.par_downsample,
+        carm_background=m.carm_background,
+    )
+
+
+def cmd_pseudo_labels(args: argparse.Namespace) -> int:
+    cfg, net, ckpt = _load_network(args)
+    device = _device(args.device)
+    net.to(device).eval()
+    split = args.split or cfg.data.train_split
+    dataset = build_dataset(cfg, split, train=False)
+    labeler = _labeler(cfg, net, ckpt, device)
+    out_dir = Path(args.out)
+    has_carm = labeler.dino is not None
+    metrics = {"cam": SegmentationMetric(net.num_classes), "carm": SegmentationMetric(net.num_classes)}
+    with_masks = bool(getattr(dataset, "has_masks", False))
+    for sample in tqdm(eval_loader(dataset, args.max_images), desc="pseudo-labels"):
+        images = sample["image"][None].to(device)
+        labels = sample["label"][None].to(device)
+        pseudo = labeler(images, labels, with_band=False, with_carm=has_carm)
+        write_png(out_dir / "cam" / f"{sample['id']}.png", pseudo.cam_label[0].cpu().numpy(), palette=True)
+        if pseudo.carm_label is not None:
+            write_png(out_dir / "carm" / f"{sample['id']}.png", pseudo.carm_label[0].cpu().numpy(), palette=True)
+        if with_masks:
+            target = sample["mask"][None].to(device)
+            metrics["cam"].update(pseudo.cam_label, target)
+            if pseudo.carm_label is not None:
+                metrics["carm"].update(pseudo.carm_label, target)
+    if with_masks:
+        summary = {"cam_pseudo_miou": metrics["cam"].compute()["miou"]}
+        if has_carm:
+            summary["carm_pseudo_miou"] = metrics["carm"].compute()["miou"]
+        atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    print(f"wrote pseudo-labels to {out_dir}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    cfg, net, ckpt = _load_network(args)
+    device = _device(args.device)
+    net.to(device).eval()
+    split = args.split or cfg.data.val_split
+    dataset = build_dataset(cfg, split, train=False)
+    ids = list(getattr(dataset, "ids", []))
+    if args.ids:
+        missing = [i for i in args.ids if i not in ids]
+        if missing:
+            raise DatasetError(f"ids not in split {split!r}: {', '.join(missing)}")
+        indices = [ids.index(i) for i in args.ids]
+    else:
+        indices = list(range(min(args.num, len(ids))))
+    labeler = _labeler(cfg, net, ckpt, device)
+    out_dir = Path(args.out)
+    for index in tqdm(indices, desc="visualize"):
+        sample = dataset[index]
+        images = sample["image"][None].to(device)
+        labels = sample["label"][None].to(device)
+        pseudo = labeler(images, labels, with_band=False, with_carm=labeler.dino is not None)
+        pred = predict_labels(net, images)[0].cpu().numpy()
+        image = to_rgb_uint8(images)[0]
+        size = image.shape[:2]
+        panels = [image, heatmap(image, pseudo.cams[0].max(0).values.cpu().numpy())]
+        titles = ["image", "CAM"]
+        if pseudo.carm is not None and pseudo.carm_raw is not None:
+            panels += [
+                heatmap(image, pseudo.carm_raw[0, 1:].max(0).values.cpu().numpy()),
+                heatmap(image, pseudo.carm[0, 1:].max(0).values.cpu().numpy()),
+            ]
+            titles += ["CARM (raw)", "CARM (calibrated)"]
+        panels.append(label_panel(pred, size))
+        titles.append("prediction")
+        if "mask" in sample:
+            panels.append(label_panel(sample["mask"].numpy(), size))
+            titles.append("ground truth")
+        write_png(out_dir / f"{sample['id']}.png", panel_row(panels, titles))
+    print(f"wrote {len(indices)} figures to {out_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ecaseg.engine.demo import run_demo
+
+    report = run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    if args.name:
+        print(json.dumps(config_to_dict(load_config(args.name, args.overrides)), indent=2))
+    else:
+        print("\n".join(available_configs()))
+    return 0
+
+
+def one_line(message: str) -> str:
+    r"""Fold a multi-line error (e.g. a dataset layout tree) into one line for stderr.
+
+    Example:
+        >>> one_line("root missing; expected layout:\nroot/\n├── images/   (jpg)\n└── masks/")
+        'root missing; expected layout: root/ images/ masks/'
+    """
+    first, *rest = message.strip().splitlines() or [""]
+    parts = []
+    for line in rest:
+        name = line.strip().lstrip("│├└─ ").split("  ")[0].strip()
+        if name:
+            parts.append(name)
+    return " ".join([first.rstrip(), *parts]) if parts else first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ecaseg`` command."""
+    parser = argparse.ArgumentParser(prog="ecaseg", description="ECA weakly supervised semantic segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train ECA (or an ablation) from a config")
+    p.add_argument("--config", required=True, help=f"packaged name ({', '.join(available_configs())}) or .yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--work-dir", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pth")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    def add_ckpt(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--checkpoint", required=True, type=Path)
+        q.add_argument("--config", default=None, help="check the checkpoint against this config")
+        q.add_argument("--device", default="auto")
+
+    p = sub.add_parser("evaluate", help="mIoU of a checkpoint on a split with masks")
+    add_ckpt(p)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (data.root=...)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--msc", action="store_true", help="multi-scale inference (eval.msc_scales)")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="metrics JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment images or folders of images")
+    add_ckpt(p)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--msc", action="store_true")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--crf", action="store_true")
+    p.set_defaults(func=cmd_predict, overrides=[])
+
+    p = sub.add_parser("pseudo-labels", help="export PAR-refined CAM and CARM pseudo-labels of a split")
+    add_ckpt(p)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-images", type=int, default=0)
+    p.set_defaults(func=cmd_pseudo_labels)
+
+    p = sub.add_parser("visualize", help="figures: image, CAM, CARM before/after calibration, prediction")
+    add_ckpt(p)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--split", default=None)
+    p.add_argument("--ids", nargs="*", default=None)
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("demo", help="the embedded synthetic WSSS benchmark, end to end (no downloads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("ecaseg_demo"))
+    p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 CPU cores)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("configs", help="list packaged configs, or print one")
+    p.add_argument("name", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ecaseg`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (EcasegError, FileNotFoundError) as err:
+        print(f"ecaseg {args.command}: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ecaseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

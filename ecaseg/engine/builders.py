@@ -1,0 +1,143 @@
+"""Build datasets, networks and method blocks from a :class:`~ecaseg.engine.config.Config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ecaseg.carm import CARMGenerator
+from ecaseg.data import (
+    COCOSegDataset,
+    EvalTransform,
+    FolderDataset,
+    TrainTransform,
+    VOCAugDataset,
+)
+from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
+from ecaseg.dino_affinity import DINOAffinity
+from ecaseg.engine.config import Config
+from ecaseg.errors import ConfigError
+from ecaseg.models import ECANet
+from ecaseg.par import PAR
+
+__all__ = [
+    "build_carm_generator",
+    "build_dataset",
+    "build_dino",
+    "build_model",
+    "build_par",
+    "needs_dino",
+    "synthetic_config",
+]
+
+
+def synthetic_config(cfg: Config) -> SyntheticConfig:
+    """The :class:`~ecaseg.data.synthetic.SyntheticConfig` described by ``cfg.data.synthetic_*``."""
+    d = cfg.data
+    return SyntheticConfig(
+        seed=d.synthetic_seed,
+        image_size=d.synthetic_image_size,
+        num_classes=d.synthetic_num_classes,
+        num_train=d.synthetic_num_train,
+        num_val=d.synthetic_num_val,
+    )
+
+
+def build_dataset(cfg: Config, split: str, train: bool) -> Dataset[dict[str, Any]]:
+    """The dataset of ``split`` with the training or evaluation transform of ``cfg``."""
+    d = cfg.data
+    transform: Any
+    if train:
+        transform = TrainTransform(
+            crop_size=d.crop_size, resize_long=d.resize_long, scale_range=d.scale_range, hflip=d.hflip
+        )
+    else:
+        transform = EvalTransform()
+    cache_dir = d.cache_dir or None
+    if d.dataset == "voc":
+        return VOCAugDataset(d.root, split=split, transform=transform, cache_dir=cache_dir)
+    if d.dataset == "coco":
+        return COCOSegDataset(d.root, split=split, transform=transform, cache_dir=cache_dir)
+    if d.dataset == "synthetic":
+        if split not in ("train", "val"):
+            raise ConfigError(f"the synthetic dataset has splits 'train' and 'val', got {split!r}")
+        return SyntheticWSSSDataset(split=split, config=synthetic_config(cfg), transform=transform)
+    if d.dataset == "folder":
+        if not d.images_dir or not d.labels_file:
+            raise ConfigError("data.dataset=folder needs data.images_dir and data.labels_file")
+        return FolderDataset(
+            d.images_dir,
+            d.labels_file,
+            masks_dir=d.masks_dir or None,
+            transform=transform,
+            cache_dir=cache_dir,
+        )
+    raise ConfigError(f"unknown data.dataset {d.dataset!r}; valid choices: voc, coco, folder, synthetic")
+
+
+def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> ECANet:
+    """The segmentation network (MiT backbone, SegFormer head, classifier, affinity projection).
+
+    ImageNet weights for the backbone are required unless ``model.allow_random_backbone`` is set (the paper
+    starts from ImageNet-1k; a silent random start would only look like a bad run). ``load_weights=False``
+    builds the architecture alone, for restoring an ecaseg checkpoint.
+    """
+    m = cfg.model
+    weights: str | None = None
+    if load_weights:
+        if m.backbone_weights:
+            if not Path(m.backbone_weights).exists():
+                raise ConfigError(
+                    f"model.backbone_weights {m.backbone_weights} does not exist; download the SegFormer ImageNet "
+                    f"encoder ({m.backbone}.pth, NVlabs release, or the nvidia/{m.backbone.replace('_', '-')} "
+                    "Hugging Face folder) and point model.backbone_weights to it"
+                )
+            weights = m.backbone_weights
+        elif not m.allow_random_backbone:
+            raise ConfigError(
+                "model.backbone_weights is empty: set it to the ImageNet checkpoint "
+                f"({m.backbone}.pth) or set model.allow_random_backbone=true to train from scratch"
+            )
+    return ECANet(
+        backbone=m.backbone,
+        num_classes=num_classes,
+        backbone_weights=weights,
+        strides=m.strides,
+        decoder_dim=m.decoder_dim,
+        attn_blocks=m.attn_blocks,
+    )
+
+
+def needs_dino(cfg: Config) -> bool:
+    """Whether the configured method uses CARM (and so the frozen affinity ViT)."""
+    m = cfg.method
+    return not m.fully_supervised and (m.use_carm_seg or m.aff_source == "carm")
+
+
+def build_dino(cfg: Config) -> DINOAffinity:
+    """The frozen affinity ViT of ``model.dino`` with ``model.dino_weights``."""
+    m = cfg.model
+    return DINOAffinity(
+        name=m.dino, weights=m.dino_weights or None, allow_random_init=m.dino_allow_random_init
+    )
+
+
+def build_carm_generator(cfg: Config, num_classes: int, feature_dim: int) -> CARMGenerator:
+    """The SAE module (seeds, affinity graph, CARM, momentum-prototype calibration)."""
+    m = cfg.method
+    return CARMGenerator(
+        num_classes=num_classes,
+        feature_dim=feature_dim,
+        k=m.k,
+        gamma=m.gamma,
+        momentum=m.momentum,
+        calibrate=m.calibrate,
+    )
+
+
+def build_par(cfg: Config) -> PAR:
+    """Pixel-adaptive refinement with the configured dilations, iterations and kernel weights."""
+    m = cfg.method
+    return PAR(dilations=m.par_dilations, num_iter=m.par_iters, w1=m.par_w1, w2=m.par_w2)

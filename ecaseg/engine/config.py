@@ -1,0 +1,396 @@
+"""Typed experiment configuration: YAML files in ``ecaseg/configs`` plus ``key=value`` overrides.
+
+A config is a tree of dataclasses (:class:`Config`). :func:`load_config` reads a packaged config by name
+(``voc``, ``coco``, ``synthetic``, ...) or a YAML file by path, merges it onto the defaults and applies
+command-line overrides such as ``train.max_iters=100`` or ``method.k=0.15``. Unknown keys and invalid values
+raise :class:`~ecaseg.errors.ConfigError` listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from ecaseg.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "available_configs",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented.
+
+    ``dataset`` selects the reader: ``voc`` (VOC 2012 + SBD under ``root``), ``coco`` (COCO 2014 under
+    ``root``), ``folder`` (``images_dir`` + ``labels_file`` [+ ``masks_dir``]) or ``synthetic`` (the
+    embedded benchmark, generated in memory from ``synthetic_*`` fields).
+    """
+
+    dataset: Literal["voc", "coco", "folder", "synthetic"] = "voc"
+    root: str = ""
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    images_dir: str = ""
+    labels_file: str = ""
+    masks_dir: str = ""
+    cache_dir: str = ""
+    crop_size: int = 512
+    resize_long: tuple[int, int] = (512, 2048)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    num_workers: int = 4
+    val_max_images: int = 0
+    synthetic_seed: int = 0
+    synthetic_image_size: int = 128
+    synthetic_num_classes: int = 5
+    synthetic_num_train: int = 400
+    synthetic_num_val: int = 100
+
+
+@dataclass
+class ModelConfig:
+    """Segmentation network (MiT + SegFormer head) and frozen affinity ViT."""
+
+    backbone: str = "mit_b1"
+    backbone_weights: str = ""
+    decoder_dim: int = 256
+    strides: tuple[int, int, int, int] = (4, 2, 2, 1)
+    attn_blocks: int = 2
+    dino: str = "dino_vits8"
+    dino_weights: str = ""
+    dino_allow_random_init: bool = False
+    allow_random_backbone: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """ECA's hyper-parameters (Section 3, 4.1) and the Table 4 switches."""
+
+    k: float = 0.3
+    gamma: float = 0.15
+    momentum: float = 0.9
+    calibrate: bool = True
+    alpha: float = 0.5
+    band: tuple[float, float] = (0.35, 0.55)
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    cam_flip: bool = True
+    lambda_seg: float = 0.1
+    lambda_cce: float = 0.1
+    lambda_aff: float = 0.1
+    use_cam_seg: bool = True
+    use_carm_seg: bool = True
+    use_cce: bool = True
+    aff_source: Literal["carm", "cam", "none"] = "carm"
+    carm_background: Literal["alpha", "map"] = "alpha"
+    fully_supervised: bool = False
+    local_views: int = 2
+    local_size: int = 256
+    cce_max_patches: int = 256
+    aff_radius: int = 8
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iters: int = 10
+    par_w1: float = 0.3
+    par_w2: float = 0.01
+    par_downsample: int = 2
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with poly decay and linear warm-up (REFERENCE.md)."""
+
+    lr: float = 6e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Schedule, logging and checkpointing."""
+
+    max_iters: int = 18000
+    batch_size: int = 8
+    cls_warmup_iters: int = 2000
+    seed: int = 0
+    log_interval: int = 50
+    val_interval: int = 2000
+    ckpt_interval: int = 2000
+    amp: Literal["bf16", "none"] = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    tensorboard: bool = True
+    num_vis_images: int = 4
+
+
+@dataclass
+class EvalConfig:
+    """Inference settings (multi-scale + flip, dense CRF)."""
+
+    scales: tuple[float, ...] = (1.0,)
+    msc_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    flip: bool = False
+    crf: bool = False
+    crf_workers: int = 0
+    cam_alpha: float = 0.5
+
+
+@dataclass
+class Config:
+    """The whole experiment configuration."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        """Check value ranges that types alone cannot express; returns ``self``."""
+        m = self.method
+        checks: list[tuple[bool, str]] = [
+            (0.0 < m.k <= 1.0, f"method.k must be in (0, 1], got {m.k}"),
+            (-1.0 <= m.gamma < 1.0, f"method.gamma must be in [-1, 1), got {m.gamma}"),
+            (0.0 <= m.momentum < 1.0, f"method.momentum must be in [0, 1), got {m.momentum}"),
+            (0.0 < m.alpha < 1.0, f"method.alpha must be in (0, 1), got {m.alpha}"),
+            (0.0 <= m.band[0] < m.band[1] <= 1.0, f"method.band must satisfy 0 <= low < high <= 1: {m.band}"),
+            (len(m.cam_scales) > 0, "method.cam_scales must not be empty"),
+            (m.local_views >= 1, f"method.local_views must be >= 1, got {m.local_views}"),
+            (m.par_downsample >= 1, f"method.par_downsample must be >= 1, got {m.par_downsample}"),
+            (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (self.train.max_iters >= 1, f"train.max_iters must be >= 1, got {self.train.max_iters}"),
+            (self.data.crop_size % 16 == 0, f"data.crop_size must be a multiple of 16: {self.data.crop_size}"),
+            (
+                m.local_size % 16 == 0 and m.local_size <= self.data.crop_size,
+                f"method.local_size must be a multiple of 16 and <= data.crop_size, got {m.local_size}",
+            ),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+_SECTIONS = ("data", "model", "method", "optim", "train", "eval")
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped in ``ecaseg/configs`` (without ``.yaml``)."""
+    folder = resources.files("ecaseg") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a string override) to the annotated type ``tp``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"invalid value {value!r} for {key}; valid choices: {', '.join(map(str, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"invalid value {value!r} for {key}: " + "; ".join(errors))
+    if origin is tuple:
+        args = get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected {len(args)} items")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"invalid value {value!r} for {key}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"invalid value {value!r} for {key}: expected an integer")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a number") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, dict | list):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a string")
+        return str(value)
+    raise ConfigError(f"unsupported type {tp!r} for {key}")
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    valid = [f.name for f in fields(section)]
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {', '.join(valid)}")
+        current = getattr(section, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix}{key} must be a mapping of {', '.join(valid)}")
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    base = data.pop("_base_", None)
+    if base is not None:
+        merged = _read_yaml(_locate(str(base), relative_to=path.parent))
+        _deep_update(merged, data)
+        return merged
+    return data
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _locate(name_or_path: str, relative_to: Path | None = None) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+            return relative_to / path
+        if path.exists():
+            return path
+        packaged = resources.files("ecaseg") / "configs" / path.name
+        if packaged.is_file():
+            return Path(str(packaged))
+        raise ConfigError(f"config file {name_or_path} not found")
+    packaged = resources.files("ecaseg") / "configs" / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(
+        f"unknown config {name_or_path!r}; packaged configs: {', '.join(available_configs())} (or a .yaml path)"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"train.max_iters=100"`` into (["train", "max_iters"], "100")."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 and parts != ["name"]:
+        raise ConfigError(f"override key {key!r} must be section.key with section in {', '.join(sorted(_SECTIONS))}")
+    return parts, value.strip()
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a packaged config by name or a YAML file, then apply ``key=value`` overrides.
+
+    Args:
+        name_or_path: ``None`` for the defaults, a packaged name (see :func:`available_configs`) or a path
+            to a YAML file (which may name a ``_base_`` config to extend).
+        overrides: strings like ``"train.max_iters=100"`` or ``"method.cam_scales=[1.0,0.5]"``.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Example:
+        >>> cfg = load_config("voc", ["train.max_iters=100"])
+        >>> cfg.train.max_iters, cfg.method.k
+        (100, 0.3)
+    """
+    cfg = Config()
+    if name_or_path:
+        path = _locate(name_or_path)
+        data = _read_yaml(path)
+        if "name" not in data:
+            data["name"] = path.stem
+        _apply(cfg, data, "")
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings to ``cfg`` in place and validate it; returns ``cfg``."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts == ["name"]:
+            cfg.name = value
+            continue
+        section, key = parts
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; valid sections: {', '.join(sorted(_SECTIONS))}")
+        _apply(getattr(cfg, section), {key: yaml.safe_load(value) if value else ""}, f"{section}.")
+    return cfg.validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain (YAML/JSON-serialisable) dict of ``cfg``, tuples as lists."""
+
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [convert(v) for v in obj]
+        return obj
+
+    result: dict[str, Any] = convert(asdict(cfg))
+    return result
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict` (used to restore a checkpoint's config)."""
+    cfg = Config()
+    _apply(cfg, data, "")
+    return cfg.validate()

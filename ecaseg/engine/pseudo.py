@@ -1,0 +1,180 @@
+"""The online pseudo-label path of Figure 2: multi-scale CAM -> CARM -> PAR-refined pseudo-labels.
+
+:class:`PseudoLabelPipeline` is used by the trainer at every step, by validation and by the ``pseudo-labels``
+command, so the three always produce the same labels from the same network state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ecaseg.cam import multiscale_cam
+from ecaseg.carm import CARMGenerator
+from ecaseg.data import denormalize
+from ecaseg.dino_affinity import DINOAffinity
+from ecaseg.models import ECANet
+from ecaseg.pseudo_label import refine_pseudo_label
+
+__all__ = ["PseudoLabelPipeline", "PseudoLabels"]
+
+
+@dataclass
+class PseudoLabels:
+    """Everything the losses and the visualisations need from one pseudo-labelling pass.
+
+    Attributes:
+        cams: ``[B, C, h, w]`` normalised multi-scale CAM at the feature grid.
+        cam_label: ``[B, H, W]`` PAR-refined CAM pseudo-label with the hard threshold alpha.
+        cam_label_band: ``[B, H, W]`` the same with the uncertain band ignored (255), for CCE and
+            affinity labels; ``None`` when not requested.
+        carm: ``[B, K, h, w]`` calibrated CARM (``None`` without DINO).
+        carm_raw: ``[B, K, h, w]`` CARM before calibration.
+        carm_label: ``[B, H, W]`` PAR-refined CARM pseudo-label (alpha).
+        carm_label_band: ``[B, H, W]`` CARM pseudo-label with the uncertain band ignored.
+    """
+
+    cams: Tensor
+    cam_label: Tensor
+    cam_label_band: Tensor | None = None
+    carm: Tensor | None = None
+    carm_raw: Tensor | None = None
+    carm_label: Tensor | None = None
+    carm_label_band: Tensor | None = None
+
+
+class PseudoLabelPipeline:
+    """Produces CAM and CARM pseudo-labels for a batch (no gradient).
+
+    Args:
+        net: the segmentation network (its ``forward_cam`` gives the CAMs).
+        par: pixel-adaptive refinement, any callable ``(images, maps) -> maps``, or ``None``.
+        dino: the frozen affinity ViT, or ``None`` for CAM-only methods.
+        carm_generator: the SAE module, or ``None`` for CAM-only methods.
+        cam_scales: scales of the multi-scale CAM.
+        cam_flip: add horizontally flipped inputs to the multi-scale CAM.
+        alpha: hard background threshold of the pseudo-labels.
+        band: ``(low, high)`` uncertain band of the ``*_band`` labels.
+        par_downsample: PAR runs on images downsampled by this factor (AFA uses 2), labels are upsampled
+            back with nearest neighbours.
+        carm_background: background score of the CARM pseudo-label: ``"alpha"`` (the constant threshold,
+            the same path as the CAM, the default) or ``"map"`` (the calibrated background CARM,
+            Eq. (7) with c = 0; the band is not used then).
+    """
+
+    def __init__(
+        self,
+        net: ECANet,
+        par: torch.nn.Module | None,
+        dino: DINOAffinity | None = None,
+        carm_generator: CARMGenerator | None = None,
+        cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5),
+        cam_flip: bool = True,
+        alpha: float = 0.5,
+        band: tuple[float, float] = (0.35, 0.55),
+        par_downsample: int = 2,
+        carm_background: str = "alpha",
+    ) -> None:
+        if carm_background not in ("alpha", "map"):
+            raise ValueError(f"carm_background must be 'alpha' or 'map', got {carm_background!r}")
+        self.carm_background = carm_background
+        self.net = net
+        self.par = par
+        self.dino = dino
+        self.carm_generator = carm_generator
+        self.cam_scales = cam_scales
+        self.cam_flip = cam_flip
+        self.alpha = alpha
+        self.band = band
+        self.par_downsample = par_downsample
+
+    def _refine(
+        self,
+        par_images: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        crop_box: Tensor | None,
+        out_hw: tuple[int, int],
+        band: bool,
+        bg_scores: Tensor | None = None,
+    ) -> Tensor:
+        box = None
+        if crop_box is not None:
+            box = torch.div(crop_box, self.par_downsample, rounding_mode="floor")
+        label = refine_pseudo_label(
+            self.par,
+            par_images,
+            scores,
+            labels,
+            alpha=self.alpha,
+            band=self.band if band and bg_scores is None else None,
+            crop_box=box,
+            bg_scores=bg_scores,
+        )
+        if label.shape[-2:] != out_hw:
+            label = F.interpolate(label[:, None].float(), size=out_hw, mode="nearest")[:, 0].long()
+        return label
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        crop_box: Tensor | None = None,
+        features: Tensor | None = None,
+        with_band: bool = True,
+        with_carm: bool = True,
+        update_prototypes: bool = False,
+    ) -> PseudoLabels:
+        """Pseudo-label a batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` ImageNet-normalised images.
+            labels: ``[B, C]`` multi-hot image-level labels.
+            crop_box: ``[B, 4]`` (y0, y1, x0, x1) image content inside padded crops, or ``None``.
+            features: ``[B, D, h, w]`` backbone stage-4 features for the prototypes; computed if ``None``.
+            with_band: also produce the band labels (uncertain pixels ignored).
+            with_carm: produce CARM and its labels (needs ``dino`` and ``carm_generator``).
+            update_prototypes: update the momentum prototypes (Eq. 8), only during training.
+        """
+        height, width = images.shape[-2:]
+        cams = multiscale_cam(self.net, images, labels, scales=self.cam_scales, flip=self.cam_flip)
+        if features is None and with_carm and self.carm_generator is not None:
+            features = self.net(images, with_seg=False, with_aff=False).features
+        if cams.shape[-2:] != (features.shape[-2:] if features is not None else cams.shape[-2:]):
+            assert features is not None
+            cams = F.interpolate(cams, size=features.shape[-2:], mode="bilinear", align_corners=False)
+        rgb = denormalize(images)
+        if self.par_downsample > 1:
+            size = (height // self.par_downsample, width // self.par_downsample)
+            rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
+        out = PseudoLabels(cams=cams, cam_label=self._refine(rgb, cams, labels, crop_box, (height, width), False))
+        if with_band:
+            out.cam_label_band = self._refine(rgb, cams, labels, crop_box, (height, width), True)
+        if with_carm and self.dino is not None and self.carm_generator is not None:
+            assert features is not None
+            dino = self.dino(images)
+            result = self.carm_generator(
+                cams,
+                labels,
+                dino.keys,
+                dino.cls_query,
+                dino.grid,
+                features.detach().float(),
+                update_prototypes=update_prototypes,
+            )
+            out.carm = result.carm
+            out.carm_raw = result.carm_raw
+            fg = result.carm[:, 1:]
+            bg = result.carm[:, :1] if self.carm_background == "map" else None
+            out.carm_label = self._refine(rgb, fg, labels, crop_box, (height, width), False, bg)
+            if with_band:
+                out.carm_label_band = (
+                    self._refine(rgb, fg, labels, crop_box, (height, width), True)
+                    if bg is None
+                    else out.carm_label
+                )
+        return out

@@ -1,0 +1,555 @@
+"""``ECATrainer``: the reference single-stage training of Section 3.4 (Figure 2, Eq. 12).
+
+One step, after the classifier-only warm-up:
+
+1. :math:`\\mathcal{L}_{cls}` on the image-level labels;
+2. multi-scale CAM (no grad) -> CAM pseudo-label refined by PAR;
+3. frozen DINO keys / class query -> CARM through :class:`~ecaseg.carm.CARMGenerator` (prototypes updated,
+   Eq. 8) -> CARM pseudo-label refined by PAR;
+4. :math:`\\lambda_1 (\\mathcal{L}_{seg} + \\widetilde{\\mathcal{L}}_{seg})` on the decoder;
+5. :math:`\\lambda_2 \\mathcal{L}_{corr}` (CCE, Eq. 11) on local views against the global CAM pseudo-label;
+6. :math:`\\lambda_3 \\mathcal{L}_{aff}` on the attention-derived affinity, supervised by the CARM
+   (or CAM) pseudo-label.
+
+Switches in ``cfg.method`` reproduce every row of Table 4 and the fully supervised upper bound (Table 2).
+Multi-GPU through ``torchrun`` (DDP, NCCL on GPU, gloo on CPU); bf16 autocast on GPU; atomic checkpoints
+every ``train.ckpt_interval`` iterations and on SIGINT/SIGTERM; ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ecaseg.affinity import affinity_labels, affinity_loss, downsample_label
+from ecaseg.carm import CARMGenerator
+from ecaseg.cce_loss import cce_loss
+from ecaseg.data import LocalViewSampler
+from ecaseg.dino_affinity import DINOAffinity
+from ecaseg.engine.builders import (
+    build_carm_generator,
+    build_dataset,
+    build_dino,
+    build_model,
+    build_par,
+    needs_dino,
+)
+from ecaseg.engine.config import Config, config_from_dict, config_to_dict
+from ecaseg.engine.evaluation import evaluate_wsss
+from ecaseg.engine.inference import autocast_context
+from ecaseg.engine.pseudo import PseudoLabelPipeline, PseudoLabels
+from ecaseg.engine.sampler import ResumableSampler, SeededDataset
+from ecaseg.errors import CheckpointError
+from ecaseg.models import ECANet
+from ecaseg.seg_loss import classification_loss, segmentation_loss
+from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
+from ecaseg.utils.io import atomic_save_torch, atomic_write_text
+
+__all__ = ["CHECKPOINT_FORMAT", "ECATrainer", "StepOutput", "load_checkpoint", "poly_lr_lambda"]
+
+CHECKPOINT_FORMAT = "ecaseg-checkpoint-v1"
+logger = logging.getLogger("ecaseg.train")
+
+
+def poly_lr_lambda(max_iters: int, warmup_iters: int, warmup_ratio: float, power: float) -> Any:
+    """Multiplier of the base learning rate at iteration ``it``: linear warm-up then poly decay.
+
+    Example:
+        >>> f = poly_lr_lambda(100, 10, 0.0, 1.0)
+        >>> round(f(0), 3), round(f(5), 3), round(f(10), 3), round(f(55), 3)
+        (0.0, 0.5, 0.9, 0.45)
+    """
+
+    def factor(it: int) -> float:
+        decay = (1.0 - min(it, max_iters) / max_iters) ** power
+        if it < warmup_iters:
+            return decay * (warmup_ratio + (1.0 - warmup_ratio) * it / warmup_iters)
+        return decay
+
+    return factor
+
+
+class _TrainForward(nn.Module):
+    """Everything with gradient in one forward, so that DDP sees one graph per step."""
+
+    def __init__(self, net: ECANet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, images: Tensor, local_images: Tensor | None, with_seg: bool, with_aff: bool
+    ) -> tuple[Any, Tensor | None]:
+        out = self.net(images, with_seg=with_seg, with_aff=with_aff)
+        local_cams = self.net.forward_cam(local_images) if local_images is not None else None
+        return out, local_cams
+
+
+@dataclass
+class StepOutput:
+    """Losses of one step (detached scalars stay on the device: no host sync) and its pseudo-labels."""
+
+    losses: dict[str, Tensor]
+    pseudo: PseudoLabels | None
+
+
+def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [sample[key] for sample in batch]
+        out[key] = torch.stack(values) if isinstance(values[0], Tensor) else values
+    return out
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read an ecaseg checkpoint, with a clear error if it is missing or of another kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an ecaseg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt
+
+
+class ECATrainer:
+    """Reference trainer of ECA (and of its ablations, the AFA-style baseline and the supervised bound).
+
+    Args:
+        config: the experiment :class:`~ecaseg.engine.config.Config`.
+        work_dir: where checkpoints, logs, TensorBoard events and metrics go.
+        resume: continue from ``work_dir/last.pth`` (``True``) or from the given checkpoint path.
+        train_dataset: a dataset to use instead of the configured one (library use).
+        val_dataset: likewise for validation (``None``: the configured one; it must have masks).
+        net: a network to use instead of building one from ``config.model``.
+        dino: a frozen affinity ViT to use instead of building one.
+        progress: show a tqdm bar.
+
+    Example (library route)::
+
+        cfg = load_config("voc", ["data.root=/data/VOCdevkit"])
+        ECATrainer(cfg, "work_dirs/voc").train()
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        work_dir: str | Path,
+        *,
+        resume: bool | str | Path = False,
+        train_dataset: Dataset[dict[str, Any]] | None = None,
+        val_dataset: Dataset[dict[str, Any]] | None = None,
+        net: ECANet | None = None,
+        dino: DINOAffinity | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = config.validate()
+        self.work_dir = Path(work_dir)
+        self.progress = progress
+        self.rank = get_rank()
+        self.world_size = get_world_size()
+        self.device = self._select_device(config.train.device)
+        self._seed_everything(config.train.seed + self.rank)
+        m = config.method
+
+        self.train_dataset = train_dataset if train_dataset is not None else build_dataset(
+            config, config.data.train_split, train=True
+        )
+        self.val_dataset = val_dataset
+        if self.val_dataset is None and config.train.val_interval > 0:
+            self.val_dataset = build_dataset(config, config.data.val_split, train=False)
+        self.class_names: list[str] = list(getattr(self.train_dataset, "class_names", []))
+        num_classes = int(getattr(self.train_dataset, "num_classes", len(self.class_names)))
+        if num_classes < 2:
+            raise ValueError("the training dataset must expose num_classes >= 2 (background + classes)")
+
+        self.net = (net if net is not None else build_model(config, num_classes)).to(self.device)
+        if self.net.num_classes != num_classes:
+            raise ValueError(f"network has {self.net.num_classes} classes, dataset {num_classes}")
+        if config.train.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.use_dino = needs_dino(config)
+        self.dino: DINOAffinity | None = None
+        self.carm_generator: CARMGenerator | None = None
+        if self.use_dino:
+            self.dino = (dino if dino is not None else build_dino(config)).to(self.device)
+            self.carm_generator = build_carm_generator(config, num_classes, self.net.feature_dim).to(self.device)
+        self.par = build_par(config).to(self.device)
+        self.labeler = PseudoLabelPipeline(
+            self.net,
+            self.par,
+            self.dino,
+            self.carm_generator,
+            cam_scales=m.cam_scales,
+            cam_flip=m.cam_flip,
+            alpha=m.alpha,
+            band=m.band,
+            par_downsample=m.par_downsample,
+            carm_background=m.carm_background,
+        )
+        self.view_sampler = LocalViewSampler(num_views=m.local_views, size=m.local_size)
+
+        self.forward_module: nn.Module = _TrainForward(self.net)
+        if is_distributed():
+            if self.device.type == "cuda":  # SyncBN (the decoder's BatchNorm) exists for CUDA only
+                self.forward_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.forward_module)
+            self.forward_module = DistributedDataParallel(
+                self.forward_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        if config.train.compile:
+            self.forward_module = torch.compile(self.forward_module)  # type: ignore[assignment]
+        self.optimizer = torch.optim.AdamW(
+            self.net.param_groups(config.optim.lr, config.optim.weight_decay), betas=config.optim.betas
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            poly_lr_lambda(
+                config.train.max_iters, config.optim.warmup_iters, config.optim.warmup_ratio, config.optim.power
+            ),
+        )
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self._stop_signal: int | None = None
+        if resume:
+            path = Path(resume) if not isinstance(resume, bool) else self.work_dir / "last.pth"
+            self.load_state(load_checkpoint(path, map_location=self.device))
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _select_device(self, name: str) -> torch.device:
+        if name == "auto":
+            if torch.cuda.is_available():
+                local = int(os.environ.get("LOCAL_RANK", 0))
+                torch.cuda.set_device(local)
+                return torch.device("cuda", local)
+            return torch.device("cpu")
+        return torch.device(name)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _make_loader(self) -> DataLoader[Any]:
+        cfg = self.cfg
+        sampler = ResumableSampler(
+            len(self.train_dataset),  # type: ignore[arg-type]
+            seed=cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            start=self.iteration * cfg.train.batch_size,
+        )
+        drop = () if cfg.method.fully_supervised else ("mask",)
+        return DataLoader(
+            SeededDataset(self.train_dataset, drop_keys=drop),
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=cfg.data.num_workers > 0,
+            # the loader's own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run would be one draw apart from an uninterrupted one
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, prototypes, optimiser, scheduler, RNG, iteration."""
+        rng: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(self.cfg),
+            "class_names": self.class_names,
+            "iteration": self.iteration,
+            "model": self.net.state_dict(),
+            "carm": self.carm_generator.state_dict() if self.carm_generator is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "history": self.history,
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (checks that the checkpoint's model matches this config)."""
+        saved = config_from_dict(ckpt["config"])
+        check_compatible(saved, self.cfg)
+        self.net.load_state_dict(ckpt["model"])
+        if self.carm_generator is not None and ckpt.get("carm") is not None:
+            self.carm_generator.load_state_dict(ckpt["carm"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.iteration = int(ckpt["iteration"])
+        self.history = list(ckpt.get("history", []))
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+    def save_checkpoint(self, name: str = "last.pth") -> Path | None:
+        """Write ``work_dir/name`` atomically (rank 0 only); returns its path."""
+        if not is_main_process():
+            return None
+        path = self.work_dir / name
+        atomic_save_torch(self.state_dict(), path)
+        return path
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, batch: dict[str, Any]) -> StepOutput:
+        """One optimisation step of Eq. (12) on a collated batch; returns detached losses."""
+        cfg, m = self.cfg, self.cfg.method
+        device = self.device
+        images = batch["image"].to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(device, non_blocking=True).float()
+        crop_box = batch["crop_box"].to(device, non_blocking=True) if "crop_box" in batch else None
+        warmup = self.iteration < cfg.train.cls_warmup_iters
+        losses: dict[str, Tensor] = {}
+        pseudo: PseudoLabels | None = None
+        amp = autocast_context(device, cfg.train.amp)
+
+        if m.fully_supervised:
+            masks = batch["mask"].to(device, non_blocking=True)
+            with amp:
+                out, _ = self.forward_module(images, None, True, False)
+            losses["seg"] = segmentation_loss(out.seg_logits, masks, balanced=False)
+            total = losses["seg"]
+        else:
+            need_cce = m.use_cce and not warmup
+            need_aff = m.aff_source != "none" and not warmup
+            need_seg = (m.use_cam_seg or m.use_carm_seg) and not warmup
+            local_images = None
+            views = None
+            if need_cce:
+                views = self.view_sampler(images)
+                local_images = views.images.flatten(0, 1)
+            with amp:
+                out, local_cams = self.forward_module(images, local_images, need_seg, need_aff)
+            losses["cls"] = classification_loss(out.cls_logits, labels)
+            total = losses["cls"]
+            if not warmup:
+                with amp:
+                    pseudo = self.labeler(
+                        images,
+                        labels,
+                        crop_box=crop_box,
+                        features=out.features.detach(),
+                        with_band=need_cce or m.aff_source != "none",
+                        with_carm=self.use_dino,
+                        update_prototypes=True,
+                    )
+                if need_seg:
+                    seg = torch.zeros((), device=device)
+                    if m.use_cam_seg:
+                        losses["seg_cam"] = segmentation_loss(out.seg_logits, pseudo.cam_label)
+                        seg = seg + losses["seg_cam"]
+                    if m.use_carm_seg and pseudo.carm_label is not None:
+                        losses["seg_carm"] = segmentation_loss(out.seg_logits, pseudo.carm_label)
+                        seg = seg + losses["seg_carm"]
+                    total = total + m.lambda_seg * seg
+                if need_cce and local_cams is not None and views is not None:
+                    assert pseudo.cam_label_band is not None
+                    b, v = views.images.shape[:2]
+                    local_cams = local_cams.float().reshape(b, v, *local_cams.shape[1:])
+                    losses["cce"] = cce_loss(
+                        local_cams,
+                        views.geometry,
+                        pseudo.cam_label_band,
+                        global_hw=(images.shape[-2], images.shape[-1]),
+                        labels=labels,
+                        max_patches=m.cce_max_patches,
+                    )
+                    total = total + m.lambda_cce * losses["cce"]
+                if need_aff and out.aff_pred is not None:
+                    source = pseudo.carm_label_band if m.aff_source == "carm" else pseudo.cam_label_band
+                    assert source is not None
+                    grid = out.features.shape[-2:]
+                    aff_target = affinity_labels(downsample_label(source, grid), radius=m.aff_radius)
+                    losses["aff"] = affinity_loss(out.aff_pred.float(), aff_target)
+                    total = total + m.lambda_aff * losses["aff"]
+        losses["total"] = total
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.iteration += 1
+        return StepOutput({k: v.detach() for k, v in losses.items()}, pseudo)
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def validate(self) -> dict[str, float]:
+        """CAM, CARM, pseudo-label and segmentation mIoU and the classifier score on the val split."""
+        if self.val_dataset is None:
+            return {}
+        metrics = evaluate_wsss(
+            self.net,
+            self.val_dataset,
+            self.labeler,
+            device=self.device,
+            max_images=self.cfg.data.val_max_images,
+            amp=self.cfg.train.amp,
+            progress=self.progress,
+        )
+        return metrics
+
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Run (or continue) training to ``train.max_iters`` (or to iteration ``until``, then checkpoint).
+
+        Returns:
+            The last validation metrics (empty if no validation ran).
+        """
+        cfg = self.cfg
+        stop_at = cfg.train.max_iters if until is None else min(until, cfg.train.max_iters)
+        main = is_main_process()
+        if main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self._setup_logging()
+            atomic_write_text(self.work_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+        writer = self._tensorboard() if main and cfg.train.tensorboard else None
+        previous = self._install_signal_handlers()
+        loader = self._make_loader()
+        batches = iter(loader)
+        bar = tqdm(
+            total=cfg.train.max_iters,
+            initial=self.iteration,
+            desc=cfg.name,
+            disable=not (self.progress and main),
+            dynamic_ncols=True,
+        )
+        last_metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        self.net.train()
+        try:
+            while self.iteration < stop_at:
+                batch = next(batches)
+                step = self.train_step(batch)
+                it = self.iteration
+                bar.update(1)
+                if it % cfg.train.log_interval == 0 or it == cfg.train.max_iters:
+                    values = {k: float(v) for k, v in step.losses.items()}  # host sync only when logging
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{lr:.2e}")
+                    if main:
+                        logger.info(
+                            "iter %d/%d lr %.3e %s",
+                            it,
+                            cfg.train.max_iters,
+                            lr,
+                            " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                        )
+                        if writer is not None:
+                            for key, value in values.items():
+                                writer.add_scalar(f"loss/{key}", value, it)
+                            writer.add_scalar("lr", lr, it)
+                if cfg.train.val_interval > 0 and (it % cfg.train.val_interval == 0 or it == cfg.train.max_iters):
+                    last_metrics = self.validate()
+                    if main:
+                        logger.info("val iter %d %s", it, json.dumps(last_metrics))
+                        self.history.append({"iteration": float(it), **last_metrics})
+                        if writer is not None:
+                            for key, value in last_metrics.items():
+                                if not math.isnan(value):
+                                    writer.add_scalar(f"val/{key}", value, it)
+                            self._log_images(writer, step, batch, it)
+                if cfg.train.ckpt_interval > 0 and it % cfg.train.ckpt_interval == 0:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    if main:
+                        logger.warning("signal %d received: checkpoint at iteration %d", self._stop_signal, it)
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            if writer is not None:
+                writer.close()
+        self.save_checkpoint()
+        if main:
+            seconds = time.perf_counter() - start
+            logger.info("reached iteration %d in %.1f s", self.iteration, seconds)
+            atomic_write_text(
+                self.work_dir / "metrics.json", json.dumps({"final": last_metrics, "history": self.history}, indent=2)
+            )
+        return last_metrics
+
+    # ------------------------------------------------------------------ logging
+    def _setup_logging(self) -> None:
+        handler = logging.FileHandler(self.work_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    def _tensorboard(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.work_dir / "tensorboard"))
+
+    def _log_images(self, writer: Any, step: StepOutput, batch: dict[str, Any], it: int) -> None:
+        """Image grids: image, CAM, CARM, CAM and CARM pseudo-labels, prediction (first images of the batch)."""
+        from ecaseg.engine.visualize import training_panels
+
+        if step.pseudo is None:
+            return
+        n = min(self.cfg.train.num_vis_images, batch["image"].shape[0])
+        with torch.no_grad():
+            pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
+        grid = training_panels(batch["image"][:n], step.pseudo, pred, n)
+        writer.add_image("train/panels", grid, it, dataformats="HWC")
+
+
+def check_compatible(saved: Config, current: Config) -> None:
+    """Raise :class:`CheckpointError` if the networks of two configs differ (listing the differing keys)."""
+    keys = ("backbone", "decoder_dim", "strides", "attn_blocks")
+    diff = [
+        f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs config {getattr(current.model, k)!r}"
+        for k in keys
+        if getattr(saved.model, k) != getattr(current.model, k)
+    ]
+    if saved.data.dataset != current.data.dataset:
+        diff.append(f"data.dataset: checkpoint {saved.data.dataset!r} vs config {current.data.dataset!r}")
+    if diff:
+        raise CheckpointError("checkpoint was trained with another config; differing keys: " + "; ".join(diff))
+

@@ -1,0 +1,85 @@
+"""Figures: image / CAM / CARM / pseudo-label / prediction panels (TensorBoard, ``ecaseg visualize``, demo).
+
+Heat maps use OpenCV's JET colour map blended over the image; label maps use the VOC palette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from torch import Tensor
+
+from ecaseg.data import denormalize
+from ecaseg.engine.inference import colorize
+from ecaseg.engine.pseudo import PseudoLabels
+
+__all__ = ["heatmap", "label_panel", "panel_row", "to_rgb_uint8", "training_panels"]
+
+
+def to_rgb_uint8(images: Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` normalised images -> ``[B, H, W, 3]`` uint8 RGB."""
+    rgb = denormalize(images.detach().float()).clamp(0, 1).mul(255).round().byte()
+    return rgb.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def heatmap(image: np.ndarray, scores: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """Blend a ``[h, w]`` score map in [0, 1] (resized to the image) over ``image`` with the JET colour map."""
+    height, width = image.shape[:2]
+    scores = cv2.resize(scores.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    colored = cv2.applyColorMap((scores.clip(0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
+    return ((1 - opacity) * image.astype(np.float32) + opacity * colored).astype(np.uint8)
+
+
+def label_panel(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Colour a label map with the VOC palette (ignore = white) at ``size`` (h, w)."""
+    label = cv2.resize(label.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return colorize(label)
+
+
+def panel_row(panels: Sequence[np.ndarray], titles: Sequence[str] | None = None, pad: int = 4) -> np.ndarray:
+    """Concatenate same-height RGB panels horizontally with white gaps and optional titles on top."""
+    height = panels[0].shape[0]
+    gap = np.full((height, pad, 3), 255, np.uint8)
+    parts: list[np.ndarray] = []
+    for i, panel in enumerate(panels):
+        if i:
+            parts.append(gap)
+        parts.append(panel)
+    row = np.concatenate(parts, axis=1)
+    if titles:
+        band = np.full((18, row.shape[1], 3), 255, np.uint8)
+        x = 0
+        for panel, title in zip(panels, titles):
+            cv2.putText(band, title, (x + 2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+            x += panel.shape[1] + pad
+        row = np.concatenate([band, row], axis=0)
+    return row
+
+
+def training_panels(images: Tensor, pseudo: PseudoLabels, pred: Tensor, n: int) -> np.ndarray:
+    """One row per image: image, CAM (max over classes), CARM (max over fg classes), CAM pseudo-label,
+    CARM pseudo-label, prediction. Returns ``[H, W, 3]`` uint8."""
+    rgb = to_rgb_uint8(images[:n])
+    rows = []
+    for i in range(n):
+        image = rgb[i]
+        size = image.shape[:2]
+        panels = [image, heatmap(image, pseudo.cams[i].max(0).values.float().cpu().numpy())]
+        if pseudo.carm is not None:
+            panels.append(heatmap(image, pseudo.carm[i, 1:].max(0).values.float().cpu().numpy()))
+        panels.append(label_panel(pseudo.cam_label[i].cpu().numpy(), size))
+        if pseudo.carm_label is not None:
+            panels.append(label_panel(pseudo.carm_label[i].cpu().numpy(), size))
+        panels.append(label_panel(pred[i].cpu().numpy(), size))
+        rows.append(panel_row(panels))
+    gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    stacked: list[np.ndarray] = []
+    for i, row in enumerate(rows):
+        if i:
+            stacked.append(gap)
+        stacked.append(row)
+    return np.concatenate(stacked, axis=0)
+

@@ -1,0 +1,115 @@
+"""The ``ecaseg`` command line end to end: train -> evaluate -> predict -> pseudo-labels -> visualize,
+and the bad-input cases (one line on stderr, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from ecaseg.cli import main
+
+TINY = ["train.val_interval=4", "train.max_iters=4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", "synthetic_tiny", *TINY, "--work-dir", str(work), "--no-progress"]) == 0
+    return work
+
+
+def test_train_writes_checkpoint_log_and_metrics(trained: Path) -> None:
+    assert (trained / "last.pth").is_file()
+    assert (trained / "train.log").read_text().count("iter") >= 1
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert {"cam_miou", "cam_pseudo_miou", "carm_miou", "carm_pseudo_miou", "seg_miou", "cls_map"} <= set(
+        metrics["final"]
+    )
+    assert not list(trained.glob("*.tmp")) and not list(trained.glob(".*.tmp"))
+
+
+def test_evaluate_writes_metrics_json(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "metrics.json"
+    code = main(["evaluate", "--checkpoint", str(trained / "last.pth"), "--flip", "--crf", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"miou", "per_class_iou", "pixel_accuracy", "class_names", "settings"} <= set(report)
+    assert len(report["per_class_iou"]) == len(report["class_names"]) == 4
+    assert report["settings"]["crf"] is True and report["settings"]["flip"] is True
+    assert "| mIoU" in capsys.readouterr().out
+
+
+def test_predict_writes_palette_masks_and_overlays(trained: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(images / "a.png"), rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    cv2.imwrite(str(images / "b.jpg"), rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "last.pth"), str(images), "--out", str(out)]) == 0
+    mask = Image.open(out / "a.png")
+    assert mask.mode == "P" and mask.size == (53, 37)
+    assert np.asarray(mask).max() < 4
+    assert (out / "b_overlay.png").is_file()
+
+
+def test_pseudo_labels_and_visualize(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pseudo"
+    code = main(["pseudo-labels", "--checkpoint", str(trained / "last.pth"), "--split", "val", "--out", str(out)])
+    assert code == 0
+    assert len(list((out / "cam").glob("*.png"))) == 4 and len(list((out / "carm").glob("*.png"))) == 4
+    assert {"cam_pseudo_miou", "carm_pseudo_miou"} <= set(json.loads((out / "metrics.json").read_text()))
+    figs = tmp_path / "figs"
+    assert main(["visualize", "--checkpoint", str(trained / "last.pth"), "--num", "2", "--out", str(figs)]) == 0
+    assert len(list(figs.glob("*.png"))) == 2
+
+
+def test_bad_inputs_exit_2_with_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["train", "--config", "voc", "data.root=/nonexistent/VOCdevkit", "--work-dir", str(tmp_path / "w")], "nonexistent"),
+        (["train", "--config", "synthetic_tiny", "method.kk=1", "--work-dir", str(tmp_path / "w")], "method.'kk'"),
+        (["evaluate", "--checkpoint", str(tmp_path / "none.pth")], "none.pth"),
+        (["evaluate", "--checkpoint", str(trained / "last.pth"), "--config", "voc"], "model.backbone"),
+    ]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    cases.append((["predict", "--checkpoint", str(trained / "last.pth"), str(broken), "--out", str(tmp_path)], "broken.png"))
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]  # progress bars aside
+        assert len(errors) == 1 and fragment in errors[0], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "ecaseg.cli",
+        "train",
+        "--config",
+        "synthetic_tiny",
+        "train.max_iters=2",
+        "train.val_interval=0",
+        "--work-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "last.pth").is_file()
+    assert len(list(tmp_path.glob("*.pth"))) == 1

@@ -1,0 +1,153 @@
+"""Tests for ecaseg.pseudo_label: thresholds, band logic, explicit background and refinement, vs loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ecaseg.cam import cam_to_label
+from ecaseg.pseudo_label import PseudoLabeler, refine_pseudo_label
+
+
+def _smooth_par(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """A local fake refiner: two rounds of 3x3 averaging of the maps (images only checked for shape)."""
+    assert images.shape[0] == maps.shape[0] and images.shape[-2:] == maps.shape[-2:]
+    for _ in range(2):
+        maps = F.avg_pool2d(F.pad(maps, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return maps
+
+
+def _labels(gen: torch.Generator, b: int, c: int) -> torch.Tensor:
+    labels = torch.zeros(b, c)
+    for i in range(b):
+        n = int(torch.randint(1, min(3, c) + 1, (1,), generator=gen))
+        labels[i, torch.randperm(c, generator=gen)[:n]] = 1.0
+    return labels
+
+
+def _argmax_present(vec: list[float], present: list[bool]) -> int:
+    best, arg = float("-inf"), 0
+    for c, (v, p) in enumerate(zip(vec, present)):
+        if p and v > best:
+            best, arg = v, c
+    return arg
+
+
+def _ref(par, images, scores, labels, alpha, band, box, bg_scores, ignore_index=255):
+    b_, c_ = scores.shape[:2]
+    h_, w_ = images.shape[-2:]
+    up = F.interpolate(scores, size=(h_, w_), mode="bilinear", align_corners=False)
+    bgs = None
+    if bg_scores is not None:
+        bgs = F.interpolate(bg_scores, size=(h_, w_), mode="bilinear", align_corners=False)
+
+    def build(bg_value: float | None) -> torch.Tensor:
+        maps = torch.zeros(b_, c_ + 1, h_, w_)
+        for b in range(b_):
+            for y in range(h_):
+                for x in range(w_):
+                    if bg_value is None:
+                        assert bgs is not None
+                        maps[b, 0, y, x] = bgs[b, 0, y, x]
+                    else:
+                        maps[b, 0, y, x] = bg_value
+                    for c in range(c_):
+                        maps[b, c + 1, y, x] = up[b, c, y, x] if labels[b, c] > 0 else 0.0
+        return maps if par is None else par(images, maps)
+
+    out = torch.zeros(b_, h_, w_, dtype=torch.long)
+    if band is None:
+        refined = [build(None if bg_scores is not None else alpha)]
+    else:
+        refined = [build(band[1]), build(band[0])]
+    for b in range(b_):
+        present = [True] + [bool(labels[b, c] > 0) for c in range(c_)]
+        for y in range(h_):
+            for x in range(w_):
+                labs = [_argmax_present(r[b, :, y, x].tolist(), present) for r in refined]
+                if band is None:
+                    lab = labs[0]
+                else:
+                    lab = labs[0] if labs[0] > 0 else (0 if labs[1] == 0 else ignore_index)
+                if box is not None:
+                    y0, y1, x0, x1 = (int(v) for v in box[b])
+                    if not (y0 <= y < y1 and x0 <= x < x1):
+                        lab = ignore_index
+                out[b, y, x] = lab
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    mode=st.sampled_from(["alpha", "band", "bg"]),
+    use_par=st.booleans(),
+    use_box=st.booleans(),
+)
+def test_refine_pseudo_label_matches_loop(seed: int, mode: str, use_par: bool, use_box: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, c = 2, 4
+    images = torch.rand(b, 3, 8, 10, generator=gen)
+    scores = torch.rand(b, c, 4, 5, generator=gen)
+    labels = _labels(gen, b, c)
+    band = (0.35, 0.55) if mode == "band" else None
+    bg = torch.rand(b, 1, 4, 5, generator=gen) if mode == "bg" else None
+    box = torch.tensor([[1, 7, 0, 9], [0, 8, 3, 10]]) if use_box else None
+    par = _smooth_par if use_par else None
+    out = refine_pseudo_label(par, images, scores, labels, alpha=0.45, band=band, crop_box=box, bg_scores=bg)
+    assert out.shape == (b, 8, 10) and out.dtype == torch.long
+    assert torch.equal(out, _ref(par, images, scores, labels, 0.45, band, box, bg))
+
+
+@pytest.mark.parametrize("band", [None, (0.35, 0.55)])
+def test_without_refiner_equals_cam_to_label(band) -> None:
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 8, 8, generator=gen)
+    scores = torch.rand(2, 3, 8, 8, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    box = torch.tensor([[0, 6, 1, 8], [2, 8, 0, 5]])
+    out = refine_pseudo_label(None, images, scores, labels, alpha=0.5, band=band, crop_box=box)
+    assert torch.equal(out, cam_to_label(scores, labels, alpha=0.5, band=band, crop_box=box))
+
+
+def test_absent_classes_never_chosen_even_if_refiner_boosts_them() -> None:
+    def boost_absent(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        return maps + torch.tensor([0.0, 0.0, 10.0]).view(1, 3, 1, 1)
+
+    scores = torch.full((1, 2, 2, 2), 0.9)
+    out = refine_pseudo_label(boost_absent, torch.zeros(1, 3, 2, 2), scores, torch.tensor([[1.0, 0.0]]))
+    assert torch.all(out == 1)
+
+
+def test_explicit_background_map_and_2d_form() -> None:
+    scores = torch.tensor([[[[0.6, 0.6]]]])
+    bg = torch.tensor([[[0.7, 0.2]]])
+    out = refine_pseudo_label(None, torch.zeros(1, 3, 1, 2), scores, torch.ones(1, 1), bg_scores=bg)
+    assert out.tolist() == [[[0, 1]]]
+    out4 = refine_pseudo_label(None, torch.zeros(1, 3, 1, 2), scores, torch.ones(1, 1), bg_scores=bg[:, None])
+    assert torch.equal(out, out4)
+
+
+def test_bad_arguments() -> None:
+    images, scores, labels = torch.zeros(1, 3, 4, 4), torch.rand(1, 2, 2, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match="either band or bg_scores"):
+        refine_pseudo_label(None, images, scores, labels, band=(0.3, 0.5), bg_scores=torch.rand(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="labels"):
+        refine_pseudo_label(None, images, scores, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="bg_scores"):
+        refine_pseudo_label(None, images, scores, labels, bg_scores=torch.rand(1, 2, 2, 2))
+
+
+def test_module_matches_function() -> None:
+    gen = torch.Generator().manual_seed(2)
+    images, scores = torch.rand(2, 3, 6, 6, generator=gen), torch.rand(2, 3, 3, 3, generator=gen)
+    labels = _labels(gen, 2, 3)
+    labeler = PseudoLabeler(_smooth_par, alpha=0.4, band=(0.3, 0.5))
+    expected = refine_pseudo_label(_smooth_par, images, scores, labels, alpha=0.4, band=(0.3, 0.5))
+    assert torch.equal(labeler(images, scores, labels), expected)
+    bg = torch.rand(2, 1, 3, 3, generator=gen)
+    expected_bg = refine_pseudo_label(_smooth_par, images, scores, labels, bg_scores=bg)
+    assert torch.equal(labeler(images, scores, labels, bg_scores=bg), expected_bg)

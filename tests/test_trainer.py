@@ -1,0 +1,94 @@
+"""ECATrainer: Table 4 switches, exact resume, checkpoints (CPU, tiny synthetic data and networks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecaseg.engine.config import load_config
+from ecaseg.engine.trainer import ECATrainer, load_checkpoint
+from ecaseg.errors import CheckpointError, ConfigError
+
+TINY = ["train.val_interval=0", "train.log_interval=1000"]
+
+
+def _batch(trainer: ECATrainer) -> dict[str, object]:
+    loader = trainer._make_loader()
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {"cls", "seg_cam", "seg_carm", "cce", "aff", "total"}),
+        (
+            ["method.aff_source=cam", "method.use_carm_seg=false", "method.use_cce=false"],
+            {"cls", "seg_cam", "aff", "total"},
+        ),
+        (["method.use_carm_seg=false", "method.use_cce=false"], {"cls", "seg_cam", "aff", "total"}),
+        (["method.use_cam_seg=false", "method.use_cce=false"], {"cls", "seg_carm", "aff", "total"}),
+        (["method.use_cce=false"], {"cls", "seg_cam", "seg_carm", "aff", "total"}),
+        (["method.aff_source=none", "method.use_cce=false"], {"cls", "seg_cam", "seg_carm", "total"}),
+        (["method.fully_supervised=true"], {"seg", "total"}),
+    ],
+)
+def test_table4_switches_select_the_losses(tmp_path: Path, overrides: list[str], expected: set[str]) -> None:
+    cfg = load_config("synthetic_tiny", [*TINY, "train.cls_warmup_iters=0", *overrides])
+    trainer = ECATrainer(cfg, tmp_path, progress=False)
+    step = trainer.train_step(_batch(trainer))
+    assert set(step.losses) == expected
+    assert all(torch.isfinite(v) for v in step.losses.values())
+    uses_dino = "seg_carm" in expected or (cfg.method.aff_source == "carm" and "aff" in expected)
+    assert (trainer.dino is not None) == uses_dino
+
+
+def test_warmup_trains_the_classifier_only(tmp_path: Path) -> None:
+    cfg = load_config("synthetic_tiny", [*TINY, "train.cls_warmup_iters=5"])
+    trainer = ECATrainer(cfg, tmp_path, progress=False)
+    decoder_before = {k: v.clone() for k, v in trainer.net.decoder.state_dict().items()}
+    step = trainer.train_step(_batch(trainer))
+    assert set(step.losses) == {"cls", "total"}
+    for key, value in trainer.net.decoder.state_dict().items():
+        assert torch.equal(value, decoder_before[key]), key
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    overrides = [*TINY, "train.max_iters=4", "train.cls_warmup_iters=1", "train.ckpt_interval=0"]
+    cfg = load_config("synthetic_tiny", overrides)
+    straight = ECATrainer(cfg, tmp_path / "a", progress=False)
+    straight.train()
+
+    first = ECATrainer(load_config("synthetic_tiny", overrides), tmp_path / "b", progress=False)
+    first.train(until=2)
+    assert load_checkpoint(tmp_path / "b" / "last.pth")["iteration"] == 2
+    resumed = ECATrainer(load_config("synthetic_tiny", overrides), tmp_path / "b", resume=True, progress=False)
+    assert resumed.iteration == 2
+    resumed.train()
+    assert resumed.iteration == 4
+    for key, value in straight.net.state_dict().items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key
+    assert straight.carm_generator is not None and resumed.carm_generator is not None
+    for key, value in straight.carm_generator.state_dict().items():
+        assert torch.equal(value, resumed.carm_generator.state_dict()[key]), key
+    # and a run that is not resumed (fresh start) differs from the resumed one after 4 iterations
+    assert straight.optimizer.state_dict()["state"].keys() == resumed.optimizer.state_dict()["state"].keys()
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(junk)
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an ecaseg checkpoint"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+def test_real_runs_refuse_silent_random_backbones(tmp_path: Path) -> None:
+    cfg = load_config("synthetic_tiny", [*TINY, "model.allow_random_backbone=false"])
+    with pytest.raises(ConfigError, match="backbone_weights"):
+        ECATrainer(cfg, tmp_path, progress=False)
