@@ -39,8 +39,12 @@ def commit() -> str:
     """The git commit of the working tree (with ``-dirty`` when it has uncommitted changes)."""
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+        ).stdout
         return sha + ("-dirty" if dirty.strip() else "") if sha else "unknown"
     except OSError:
         return "unknown"
@@ -51,7 +55,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+def time_fn(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10
+) -> dict[str, float]:
     """Median / min / max milliseconds of ``fn`` after ``warmup`` calls, synchronising the device."""
     for _ in range(warmup):
         fn()
@@ -63,13 +69,20 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat
         fn()
         sync(device)
         samples.append((time.perf_counter() - start) * 1000.0)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "n": repeats}
+    return {
+        "median_ms": statistics.median(samples),
+        "min_ms": min(samples),
+        "max_ms": max(samples),
+        "n": repeats,
+    }
 
 
 def record(kind: str, device: torch.device, figures: dict[str, Any], settings: dict[str, Any]) -> Path:
     """Write ``results/<kind>-<device>-<date>.json`` with device, versions, commit and the figures."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    slug = "cuda-" + torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu"
+    slug = (
+        "cuda-" + torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu"
+    )
     payload = {
         "benchmark": kind,
         "device": device_name(device),

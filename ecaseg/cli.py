@@ -13,14 +13,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ecaseg.crf import CRFParams
 from ecaseg.data import read_image
-from ecaseg.engine.builders import build_carm_generator, build_dataset, build_dino, build_model, build_par, needs_dino
-from ecaseg.engine.config import Config, apply_overrides, available_configs, config_from_dict, config_to_dict, load_config
+from ecaseg.engine.builders import (
+    build_carm_generator,
+    build_dataset,
+    build_dino,
+    build_model,
+    build_par,
+    needs_dino,
+)
+from ecaseg.engine.config import (
+    Config,
+    apply_overrides,
+    available_configs,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
 from ecaseg.engine.inference import overlay, predict_labels, to_network_input, write_png
 from ecaseg.engine.pseudo import PseudoLabelPipeline
@@ -68,7 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = ECATrainer(cfg, args.work_dir, resume=args.resume, progress=not args.no_progress)
     metrics = trainer.train()
     if is_main_process():
-        print(json.dumps({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}, indent=2))
+        print(
+            json.dumps({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}, indent=2)
+        )
     return 0
 
 
@@ -141,9 +156,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in tqdm(paths, desc="predict"):
         image = read_image(path)
         tensor = to_network_input(image, device)
-        label = predict_labels(
-            net, tensor, image[None], scales=scales, flip=args.flip, crf=crf, amp=cfg.train.amp
-        )[0].cpu().numpy()
+        label = (
+            predict_labels(
+                net, tensor, image[None], scales=scales, flip=args.flip, crf=crf, amp=cfg.train.amp
+            )[0]
+            .cpu()
+            .numpy()
+        )
         write_png(out_dir / f"{path.stem}.png", label, palette=True)
         write_png(out_dir / f"{path.stem}_overlay.png", overlay(image, label))
     print(f"wrote {len(paths)} predictions to {out_dir}")
@@ -189,7 +208,9 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
         pseudo = labeler(images, labels, with_band=False, with_carm=has_carm)
         write_png(out_dir / "cam" / f"{sample['id']}.png", pseudo.cam_label[0].cpu().numpy(), palette=True)
         if pseudo.carm_label is not None:
-            write_png(out_dir / "carm" / f"{sample['id']}.png", pseudo.carm_label[0].cpu().numpy(), palette=True)
+            write_png(
+                out_dir / "carm" / f"{sample['id']}.png", pseudo.carm_label[0].cpu().numpy(), palette=True
+            )
         if with_masks:
             target = sample["mask"][None].to(device)
             metrics["cam"].update(pseudo.cam_label, target)
@@ -285,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train ECA (or an ablation) from a config")
-    p.add_argument("--config", required=True, help=f"packaged name ({', '.join(available_configs())}) or .yaml")
+    p.add_argument(
+        "--config", required=True, help=f"packaged name ({', '.join(available_configs())}) or .yaml"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--work-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pth")

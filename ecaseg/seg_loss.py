@@ -1,4 +1,4 @@
-"""Classification and segmentation losses of Eq. (12): :math:`\\mathcal{L}_{cls}` and :math:`\\mathcal{L}_{seg}`.
+"""Classification and segmentation losses of Eq. (12): :math:`\\mathcal{L}_{cls}`, :math:`\\mathcal{L}_{seg}`.
 
 * :func:`classification_loss` — multi-label soft margin loss on the image-level logits (Section 3.4).
 * :func:`segmentation_loss` — cross-entropy of the decoder against a pseudo-label, with background and
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +34,9 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.multilabel_soft_margin_loss(logits.float(), labels.float())
 
 
-def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255, balanced: bool = True) -> Tensor:
+def segmentation_loss(
+    logits: Tensor, target: Tensor, ignore_index: int = 255, balanced: bool = True
+) -> Tensor:
     """Cross-entropy of segmentation logits against a pseudo-label (:math:`\\mathcal{L}_{seg}`, Eq. (12)).
 
     Args:
@@ -55,7 +56,9 @@ def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255, b
         1.0986
     """
     if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"expected logits [B,K,h,w] and target [B,H,W], got {tuple(logits.shape)}, {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits [B,K,h,w] and target [B,H,W], got {tuple(logits.shape)}, {tuple(target.shape)}"
+        )
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     target = target.long()

@@ -36,7 +36,9 @@ def test_train_writes_checkpoint_log_and_metrics(trained: Path) -> None:
     assert not list(trained.glob("*.tmp")) and not list(trained.glob(".*.tmp"))
 
 
-def test_evaluate_writes_metrics_json(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_writes_metrics_json(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "metrics.json"
     code = main(["evaluate", "--checkpoint", str(trained / "last.pth"), "--flip", "--crf", "--out", str(out)])
     assert code == 0
@@ -63,25 +65,49 @@ def test_predict_writes_palette_masks_and_overlays(trained: Path, tmp_path: Path
 
 def test_pseudo_labels_and_visualize(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "pseudo"
-    code = main(["pseudo-labels", "--checkpoint", str(trained / "last.pth"), "--split", "val", "--out", str(out)])
+    code = main(
+        ["pseudo-labels", "--checkpoint", str(trained / "last.pth"), "--split", "val", "--out", str(out)]
+    )
     assert code == 0
     assert len(list((out / "cam").glob("*.png"))) == 4 and len(list((out / "carm").glob("*.png"))) == 4
     assert {"cam_pseudo_miou", "carm_pseudo_miou"} <= set(json.loads((out / "metrics.json").read_text()))
     figs = tmp_path / "figs"
-    assert main(["visualize", "--checkpoint", str(trained / "last.pth"), "--num", "2", "--out", str(figs)]) == 0
+    assert (
+        main(["visualize", "--checkpoint", str(trained / "last.pth"), "--num", "2", "--out", str(figs)]) == 0
+    )
     assert len(list(figs.glob("*.png"))) == 2
 
 
-def test_bad_inputs_exit_2_with_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_inputs_exit_2_with_one_line(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = [
-        (["train", "--config", "voc", "data.root=/nonexistent/VOCdevkit", "--work-dir", str(tmp_path / "w")], "nonexistent"),
-        (["train", "--config", "synthetic_tiny", "method.kk=1", "--work-dir", str(tmp_path / "w")], "method.'kk'"),
+        (
+            [
+                "train",
+                "--config",
+                "voc",
+                "data.root=/nonexistent/VOCdevkit",
+                "--work-dir",
+                str(tmp_path / "w"),
+            ],
+            "nonexistent",
+        ),
+        (
+            ["train", "--config", "synthetic_tiny", "method.kk=1", "--work-dir", str(tmp_path / "w")],
+            "method.'kk'",
+        ),
         (["evaluate", "--checkpoint", str(tmp_path / "none.pth")], "none.pth"),
         (["evaluate", "--checkpoint", str(trained / "last.pth"), "--config", "voc"], "model.backbone"),
     ]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    cases.append((["predict", "--checkpoint", str(trained / "last.pth"), str(broken), "--out", str(tmp_path)], "broken.png"))
+    cases.append(
+        (
+            ["predict", "--checkpoint", str(trained / "last.pth"), str(broken), "--out", str(tmp_path)],
+            "broken.png",
+        )
+    )
     for argv, fragment in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

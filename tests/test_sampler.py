@@ -30,10 +30,14 @@ def test_each_epoch_is_a_permutation_and_epochs_differ() -> None:
 
 def test_ranks_share_out_each_epoch() -> None:
     n, world = 10, 3
-    per_rank = [[i for i, _ in take(ResumableSampler(n, seed=1, rank=r, world_size=world), 4)] for r in range(world)]
+    per_rank = [
+        [i for i, _ in take(ResumableSampler(n, seed=1, rank=r, world_size=world), 4)] for r in range(world)
+    ]
     covered = {i for shard in per_rank for i in shard}
     assert covered == set(range(n))  # 12 slots for 10 samples: padded, every sample seen
-    seeds = [s for r in range(world) for _, s in take(ResumableSampler(n, seed=1, rank=r, world_size=world), 4)]
+    seeds = [
+        s for r in range(world) for _, s in take(ResumableSampler(n, seed=1, rank=r, world_size=world), 4)
+    ]
     assert len(set(seeds)) == len(seeds)
 
 

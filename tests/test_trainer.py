@@ -63,7 +63,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     first = ECATrainer(load_config("synthetic_tiny", overrides), tmp_path / "b", progress=False)
     first.train(until=2)
     assert load_checkpoint(tmp_path / "b" / "last.pth")["iteration"] == 2
-    resumed = ECATrainer(load_config("synthetic_tiny", overrides), tmp_path / "b", resume=True, progress=False)
+    resumed = ECATrainer(
+        load_config("synthetic_tiny", overrides), tmp_path / "b", resume=True, progress=False
+    )
     assert resumed.iteration == 2
     resumed.train()
     assert resumed.iteration == 4

@@ -160,6 +160,16 @@ def load_or_compute_mask_labels(
 
     Raises:
         DatasetError: a mask is unreadable or holds invalid values (from :func:`read_mask`).
+
+    Example:
+        >>> import tempfile, cv2
+        >>> root = Path(tempfile.mkdtemp())
+        >>> _ = cv2.imwrite(str(root / "a.png"), np.array([[0, 2], [255, 0]], np.uint8))
+        >>> y = load_or_compute_mask_labels(["a"], [root / "a.png"], 4, data_root=root, cache_name="demo")
+        >>> y.tolist()
+        [[0, 1, 0]]
+        >>> sorted(p.name for p in root.iterdir())
+        ['.ecaseg-labels-demo.npz', 'a.png']
     """
     if len(ids) != len(mask_paths):
         raise ValueError(f"got {len(ids)} ids but {len(mask_paths)} mask paths")

@@ -90,8 +90,9 @@ def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> ECA
         if m.backbone_weights:
             if not Path(m.backbone_weights).exists():
                 raise ConfigError(
-                    f"model.backbone_weights {m.backbone_weights} does not exist; download the SegFormer ImageNet "
-                    f"encoder ({m.backbone}.pth, NVlabs release, or the nvidia/{m.backbone.replace('_', '-')} "
+                    f"model.backbone_weights {m.backbone_weights} does not exist; download the SegFormer "
+                    f"ImageNet encoder ({m.backbone}.pth, NVlabs release, or the "
+                    f"nvidia/{m.backbone.replace('_', '-')} "
                     "Hugging Face folder) and point model.backbone_weights to it"
                 )
             weights = m.backbone_weights

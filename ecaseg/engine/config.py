@@ -182,7 +182,10 @@ class Config:
             (m.par_downsample >= 1, f"method.par_downsample must be >= 1, got {m.par_downsample}"),
             (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
             (self.train.max_iters >= 1, f"train.max_iters must be >= 1, got {self.train.max_iters}"),
-            (self.data.crop_size % 16 == 0, f"data.crop_size must be a multiple of 16: {self.data.crop_size}"),
+            (
+                self.data.crop_size % 16 == 0,
+                f"data.crop_size must be a multiple of 16: {self.data.crop_size}",
+            ),
             (
                 m.local_size % 16 == 0 and m.local_size <= self.data.crop_size,
                 f"method.local_size must be a multiple of 16 and <= data.crop_size, got {m.local_size}",
@@ -210,7 +213,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"invalid value {value!r} for {key}; valid choices: {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"invalid value {value!r} for {key}; valid choices: {', '.join(map(str, choices))}"
+            )
         return value
     if origin in (Union, types.UnionType):
         errors = []
@@ -320,7 +325,8 @@ def _locate(name_or_path: str, relative_to: Path | None = None) -> Path:
     if packaged.is_file():
         return Path(str(packaged))
     raise ConfigError(
-        f"unknown config {name_or_path!r}; packaged configs: {', '.join(available_configs())} (or a .yaml path)"
+        f"unknown config {name_or_path!r}; packaged configs: {', '.join(available_configs())} "
+        "(or a .yaml path)"
     )
 
 
@@ -331,7 +337,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 and parts != ["name"]:
-        raise ConfigError(f"override key {key!r} must be section.key with section in {', '.join(sorted(_SECTIONS))}")
+        raise ConfigError(
+            f"override key {key!r} must be section.key with section in {', '.join(sorted(_SECTIONS))}"
+        )
     return parts, value.strip()
 
 
@@ -370,7 +378,9 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             continue
         section, key = parts
         if section not in _SECTIONS:
-            raise ConfigError(f"unknown config section {section!r}; valid sections: {', '.join(sorted(_SECTIONS))}")
+            raise ConfigError(
+                f"unknown config section {section!r}; valid sections: {', '.join(sorted(_SECTIONS))}"
+            )
         _apply(getattr(cfg, section), {key: yaml.safe_load(value) if value else ""}, f"{section}.")
     return cfg.validate()
 

@@ -45,10 +45,17 @@ def demo_configs(seed: int, quick: bool) -> dict[str, Config]:
         "eca": load_config("synthetic", [*common, "name=eca"]),
         "baseline": load_config(
             "synthetic",
-            [*common, "name=baseline", "method.use_carm_seg=false", "method.use_cce=false", "method.aff_source=cam"],
+            [
+                *common,
+                "name=baseline",
+                "method.use_carm_seg=false",
+                "method.use_cce=false",
+                "method.aff_source=cam",
+            ],
         ),
         "supervised": load_config(
-            "synthetic", [*common, "name=supervised", "method.fully_supervised=true", "train.cls_warmup_iters=0"]
+            "synthetic",
+            [*common, "name=supervised", "method.fully_supervised=true", "train.cls_warmup_iters=0"],
         ),
     }
 
@@ -130,7 +137,9 @@ def _report(metrics: dict[str, Any], results: dict[str, dict[str, Any]], class_n
     lines.append(f"| ratio (seg / supervised) | {100 * metrics['ratio']:.1f} % |")
     lines.append("")
     for name, entry in results.items():
-        lines.append(format_iou_table(entry["seg"]["per_class_iou"], class_names, title=f"{name} segmentation"))
+        lines.append(
+            format_iou_table(entry["seg"]["per_class_iou"], class_names, title=f"{name} segmentation")
+        )
         lines.append("")
     lines.append("![panels](panels.png)")
     return "\n".join(lines) + "\n"

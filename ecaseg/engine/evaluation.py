@@ -20,7 +20,7 @@ from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
 from ecaseg.models import ECANet
 from ecaseg.utils.dist import get_rank, get_world_size, is_main_process
 
-__all__ = ["evaluate_segmentation", "evaluate_wsss", "eval_loader"]
+__all__ = ["eval_loader", "evaluate_segmentation", "evaluate_wsss"]
 
 
 def _collate_one(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -28,13 +28,17 @@ def _collate_one(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return sample
 
 
-def eval_loader(dataset: Dataset[dict[str, Any]], max_images: int = 0, num_workers: int = 0) -> DataLoader[Any]:
+def eval_loader(
+    dataset: Dataset[dict[str, Any]], max_images: int = 0, num_workers: int = 0
+) -> DataLoader[Any]:
     """One image at a time (sizes differ), the first ``max_images`` (0: all), sharded over processes."""
     n = len(dataset)  # type: ignore[arg-type]
     if max_images > 0:
         n = min(n, max_images)
     indices = list(range(get_rank(), n, get_world_size()))
-    return DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=_collate_one)
+    return DataLoader(
+        Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=_collate_one
+    )
 
 
 def _rgb_uint8(images: torch.Tensor) -> np.ndarray:
@@ -73,7 +77,9 @@ def evaluate_segmentation(
             raise ValueError("evaluation needs ground-truth masks; this split has none")
         images = sample["image"][None].to(device)
         rgb = _rgb_uint8(images) if crf is not None else None
-        pred = predict_labels(net, images, rgb, scales=scales, flip=flip, crf=crf, crf_workers=crf_workers, amp=amp)
+        pred = predict_labels(
+            net, images, rgb, scales=scales, flip=flip, crf=crf, crf_workers=crf_workers, amp=amp
+        )
         metric.update(pred, sample["mask"][None].to(device))
     net.train(was_training)
     return metric.compute()
@@ -100,7 +106,9 @@ def evaluate_wsss(
     image-level labels, as during training.
     """
     num_classes = net.num_classes
-    metrics = {name: SegmentationMetric(num_classes) for name in ("cam", "cam_pseudo", "carm", "carm_pseudo", "seg")}
+    metrics = {
+        name: SegmentationMetric(num_classes) for name in ("cam", "cam_pseudo", "carm", "carm_pseudo", "seg")
+    }
     cls_metric = MultiLabelMetric(num_classes - 1)
     was_training = net.training
     net.eval()
@@ -122,7 +130,9 @@ def evaluate_wsss(
         metrics["cam"].update(cam_to_label(cams_full, labels, alpha=labeler.alpha), target)
         metrics["cam_pseudo"].update(pseudo.cam_label, target)
         if pseudo.carm is not None and pseudo.carm_label is not None:
-            carm_full = torch.nn.functional.interpolate(pseudo.carm[:, 1:], size=(height, width), mode="bilinear")
+            carm_full = torch.nn.functional.interpolate(
+                pseudo.carm[:, 1:], size=(height, width), mode="bilinear"
+            )
             metrics["carm"].update(cam_to_label(carm_full, labels, alpha=labeler.alpha), target)
             metrics["carm_pseudo"].update(pseudo.carm_label, target)
     net.train(was_training)

@@ -69,7 +69,7 @@ def predict_probs(
     total = torch.zeros(images.shape[0], net.num_classes, height, width, device=images.device)
     count = 0
     for scale in scales:
-        size = (max(int(round(height * scale)), 16), max(int(round(width * scale)), 16))
+        size = (max(round(height * scale), 16), max(round(width * scale), 16))
         scaled = images if size == (height, width) else F.interpolate(images, size=size, mode="bilinear")
         batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
         with autocast_context(images.device, amp):

@@ -151,7 +151,9 @@ class PseudoLabelPipeline:
         if self.par_downsample > 1:
             size = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
-        out = PseudoLabels(cams=cams, cam_label=self._refine(rgb, cams, labels, crop_box, (height, width), False))
+        out = PseudoLabels(
+            cams=cams, cam_label=self._refine(rgb, cams, labels, crop_box, (height, width), False)
+        )
         if with_band:
             out.cam_label_band = self._refine(rgb, cams, labels, crop_box, (height, width), True)
         if with_carm and self.dino is not None and self.carm_generator is not None:

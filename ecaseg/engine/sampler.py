@@ -40,7 +40,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         True
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
         if num_samples <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.num_samples = num_samples

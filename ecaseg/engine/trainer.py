@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+    except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an ecaseg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
@@ -171,8 +171,10 @@ class ECATrainer:
         self._seed_everything(config.train.seed + self.rank)
         m = config.method
 
-        self.train_dataset = train_dataset if train_dataset is not None else build_dataset(
-            config, config.data.train_split, train=True
+        self.train_dataset = (
+            train_dataset
+            if train_dataset is not None
+            else build_dataset(config, config.data.train_split, train=True)
         )
         self.val_dataset = val_dataset
         if self.val_dataset is None and config.train.val_interval > 0:
@@ -192,7 +194,9 @@ class ECATrainer:
         self.carm_generator: CARMGenerator | None = None
         if self.use_dino:
             self.dino = (dino if dino is not None else build_dino(config)).to(self.device)
-            self.carm_generator = build_carm_generator(config, num_classes, self.net.feature_dim).to(self.device)
+            self.carm_generator = build_carm_generator(config, num_classes, self.net.feature_dim).to(
+                self.device
+            )
         self.par = build_par(config).to(self.device)
         self.labeler = PseudoLabelPipeline(
             self.net,
@@ -225,7 +229,10 @@ class ECATrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             poly_lr_lambda(
-                config.train.max_iters, config.optim.warmup_iters, config.optim.warmup_ratio, config.optim.power
+                config.train.max_iters,
+                config.optim.warmup_iters,
+                config.optim.warmup_ratio,
+                config.optim.power,
             ),
         )
         self.iteration = 0
@@ -248,7 +255,7 @@ class ECATrainer:
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
-        np.random.seed(seed % 2**32)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds user code that uses the legacy API
         torch.manual_seed(seed)
 
     def _make_loader(self) -> DataLoader[Any]:
@@ -280,7 +287,7 @@ class ECATrainer:
         """Everything needed to continue exactly: model, prototypes, optimiser, scheduler, RNG, iteration."""
         rng: dict[str, Any] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": np.random.get_state(),  # noqa: NPY002
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -311,7 +318,7 @@ class ECATrainer:
         self.history = list(ckpt.get("history", []))
         rng = ckpt["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(rng["numpy"])  # noqa: NPY002
         torch.set_rng_state(rng["torch"].cpu())
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -482,7 +489,9 @@ class ECATrainer:
                             for key, value in values.items():
                                 writer.add_scalar(f"loss/{key}", value, it)
                             writer.add_scalar("lr", lr, it)
-                if cfg.train.val_interval > 0 and (it % cfg.train.val_interval == 0 or it == cfg.train.max_iters):
+                if cfg.train.val_interval > 0 and (
+                    it % cfg.train.val_interval == 0 or it == cfg.train.max_iters
+                ):
                     last_metrics = self.validate()
                     if main:
                         logger.info("val iter %d %s", it, json.dumps(last_metrics))
@@ -496,7 +505,9 @@ class ECATrainer:
                     self.save_checkpoint()
                 if self._stop_signal is not None:
                     if main:
-                        logger.warning("signal %d received: checkpoint at iteration %d", self._stop_signal, it)
+                        logger.warning(
+                            "signal %d received: checkpoint at iteration %d", self._stop_signal, it
+                        )
                     self.save_checkpoint()
                     raise KeyboardInterrupt
         finally:
@@ -510,7 +521,8 @@ class ECATrainer:
             seconds = time.perf_counter() - start
             logger.info("reached iteration %d in %.1f s", self.iteration, seconds)
             atomic_write_text(
-                self.work_dir / "metrics.json", json.dumps({"final": last_metrics, "history": self.history}, indent=2)
+                self.work_dir / "metrics.json",
+                json.dumps({"final": last_metrics, "history": self.history}, indent=2),
             )
         return last_metrics
 
@@ -528,7 +540,7 @@ class ECATrainer:
         return SummaryWriter(log_dir=str(self.work_dir / "tensorboard"))
 
     def _log_images(self, writer: Any, step: StepOutput, batch: dict[str, Any], it: int) -> None:
-        """Image grids: image, CAM, CARM, CAM and CARM pseudo-labels, prediction (first images of the batch)."""
+        """Image grids of the first images: image, CAM, CARM, CAM/CARM pseudo-labels, prediction."""
         from ecaseg.engine.visualize import training_panels
 
         if step.pseudo is None:
@@ -551,5 +563,6 @@ def check_compatible(saved: Config, current: Config) -> None:
     if saved.data.dataset != current.data.dataset:
         diff.append(f"data.dataset: checkpoint {saved.data.dataset!r} vs config {current.data.dataset!r}")
     if diff:
-        raise CheckpointError("checkpoint was trained with another config; differing keys: " + "; ".join(diff))
-
+        raise CheckpointError(
+            "checkpoint was trained with another config; differing keys: " + "; ".join(diff)
+        )

@@ -25,7 +25,7 @@ def to_rgb_uint8(images: Tensor) -> np.ndarray:
 
 
 def heatmap(image: np.ndarray, scores: np.ndarray, opacity: float = 0.5) -> np.ndarray:
-    """Blend a ``[h, w]`` score map in [0, 1] (resized to the image) over ``image`` with the JET colour map."""
+    """Blend a ``[h, w]`` score map in [0, 1] (resized to the image) over ``image`` (JET colour map)."""
     height, width = image.shape[:2]
     scores = cv2.resize(scores.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     colored = cv2.applyColorMap((scores.clip(0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
@@ -82,4 +82,3 @@ def training_panels(images: Tensor, pseudo: PseudoLabels, pred: Tensor, n: int) 
             stacked.append(gap)
         stacked.append(row)
     return np.concatenate(stacked, axis=0)
-

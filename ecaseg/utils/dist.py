@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "init_distributed", "is_distributed", "is_main_process"]
+__all__ = [
+    "all_reduce_sum",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+]
 
 
 def is_distributed() -> bool:
