@@ -26,6 +26,7 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
         A scalar loss.
 
     Example:
+        >>> import torch
         >>> classification_loss(torch.tensor([[10.0, -10.0]]), torch.tensor([[1.0, 0.0]])) < 1e-3
         tensor(True)
     """
@@ -50,6 +51,7 @@ def segmentation_loss(
         A scalar loss (zero when every pixel is ignored).
 
     Example:
+        >>> import torch
         >>> logits = torch.zeros(1, 3, 2, 2)
         >>> target = torch.tensor([[[0, 1], [2, 255]]])
         >>> round(float(segmentation_loss(logits, target)), 4)  # ln(3)

@@ -18,4 +18,4 @@ echo "== sphinx"
 rm -rf docs/_build
 .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 echo "== pytest"
-.venv/bin/python -m pytest -n 2 -q "$@"
+.venv/bin/python -m pytest -n 2 -q tests ecaseg "$@"

@@ -78,10 +78,9 @@ def poly_lr_lambda(max_iters: int, warmup_iters: int, warmup_ratio: float, power
     """
 
     def factor(it: int) -> float:
-        decay = (1.0 - min(it, max_iters) / max_iters) ** power
         if it < warmup_iters:
-            return decay * (warmup_ratio + (1.0 - warmup_ratio) * it / warmup_iters)
-        return decay
+            return warmup_ratio + (1.0 - warmup_ratio) * it / warmup_iters
+        return (1.0 - min(it, max_iters) / max_iters) ** power
 
     return factor
 
