@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.cam import multiscale_cam
+from ecaseg.cam import cam_to_label, multiscale_cam
 from ecaseg.carm import CARMGenerator
 from ecaseg.data import denormalize
 from ecaseg.dino_affinity import DINOAffinity
@@ -91,29 +91,37 @@ class PseudoLabelPipeline:
         self.band = band
         self.par_downsample = par_downsample
 
-    def _refine(
+    def _refine_scores(self, rgb: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """Upsample foreground scores to the PAR resolution, zero absent classes and refine them once.
+
+        PAR is linear in the maps and keeps constant maps constant, so refining ``[alpha, S]`` gives
+        ``[alpha, PAR(S)]``: one refinement of the foreground scores serves the hard threshold and both band
+        thresholds exactly (AFA refines twice, once per band threshold).
+        """
+        size = (rgb.shape[-2], rgb.shape[-1])
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            fg = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+            fg = fg * labels[:, :, None, None].float()
+            return self.par(rgb, fg) if self.par is not None else fg
+
+    def _label(
         self,
-        par_images: Tensor,
-        scores: Tensor,
+        refined: Tensor,
         labels: Tensor,
         crop_box: Tensor | None,
         out_hw: tuple[int, int],
         band: bool,
-        bg_scores: Tensor | None = None,
     ) -> Tensor:
         box = None
         if crop_box is not None:
             box = torch.div(crop_box, self.par_downsample, rounding_mode="floor")
-        label = refine_pseudo_label(
-            self.par,
-            par_images,
-            scores,
-            labels,
-            alpha=self.alpha,
-            band=self.band if band and bg_scores is None else None,
-            crop_box=box,
-            bg_scores=bg_scores,
+        label = cam_to_label(
+            refined, labels, alpha=self.alpha, band=self.band if band else None, crop_box=box
         )
+        return self._resize_label(label, out_hw)
+
+    @staticmethod
+    def _resize_label(label: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if label.shape[-2:] != out_hw:
             label = F.interpolate(label[:, None].float(), size=out_hw, mode="nearest")[:, 0].long()
         return label
@@ -151,11 +159,11 @@ class PseudoLabelPipeline:
         if self.par_downsample > 1:
             size = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
-        out = PseudoLabels(
-            cams=cams, cam_label=self._refine(rgb, cams, labels, crop_box, (height, width), False)
-        )
+        out_hw = (height, width)
+        refined = self._refine_scores(rgb, cams, labels)
+        out = PseudoLabels(cams=cams, cam_label=self._label(refined, labels, crop_box, out_hw, False))
         if with_band:
-            out.cam_label_band = self._refine(rgb, cams, labels, crop_box, (height, width), True)
+            out.cam_label_band = self._label(refined, labels, crop_box, out_hw, True)
         if with_carm and self.dino is not None and self.carm_generator is not None:
             assert features is not None
             dino = self.dino(images)
@@ -171,12 +179,21 @@ class PseudoLabelPipeline:
             out.carm = result.carm
             out.carm_raw = result.carm_raw
             fg = result.carm[:, 1:]
-            bg = result.carm[:, :1] if self.carm_background == "map" else None
-            out.carm_label = self._refine(rgb, fg, labels, crop_box, (height, width), False, bg)
-            if with_band:
-                out.carm_label_band = (
-                    self._refine(rgb, fg, labels, crop_box, (height, width), True)
-                    if bg is None
-                    else out.carm_label
+            if self.carm_background == "map":  # background CARM as the background score: PAR on [bg, fg]
+                box = (
+                    None
+                    if crop_box is None
+                    else torch.div(crop_box, self.par_downsample, rounding_mode="floor")
                 )
+                label = refine_pseudo_label(
+                    self.par, rgb, fg, labels, crop_box=box, bg_scores=result.carm[:, :1]
+                )
+                out.carm_label = self._resize_label(label, out_hw)
+                if with_band:
+                    out.carm_label_band = out.carm_label
+            else:
+                refined = self._refine_scores(rgb, fg, labels)
+                out.carm_label = self._label(refined, labels, crop_box, out_hw, False)
+                if with_band:
+                    out.carm_label_band = self._label(refined, labels, crop_box, out_hw, True)
         return out

@@ -1,0 +1,48 @@
+"""The trainer's pseudo-label pipeline refines each score source once; that must equal the per-threshold
+refinement of :func:`ecaseg.pseudo_label.refine_pseudo_label` (AFA's way) exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from ecaseg.cam import cam_to_label
+from ecaseg.engine.pseudo import PseudoLabelPipeline
+from ecaseg.models import ECANet
+from ecaseg.par import PAR
+from ecaseg.pseudo_label import refine_pseudo_label
+
+
+def test_single_refinement_equals_refinement_per_threshold() -> None:
+    torch.manual_seed(0)
+    par = PAR(dilations=(1, 2, 4), num_iter=3)
+    pipeline = PseudoLabelPipeline(
+        ECANet("mit_nano", num_classes=4), par, alpha=0.5, band=(0.35, 0.55), par_downsample=1
+    )
+    rgb = torch.rand(2, 3, 24, 28)
+    scores = torch.rand(2, 3, 6, 7)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    crop_box = torch.tensor([[0, 20, 2, 28], [3, 24, 0, 25]])
+    refined = pipeline._refine_scores(rgb, scores, labels)
+    for band in (None, (0.35, 0.55)):
+        ours = cam_to_label(refined, labels, alpha=0.5, band=band, crop_box=crop_box)
+        reference = refine_pseudo_label(par, rgb, scores, labels, alpha=0.5, band=band, crop_box=crop_box)
+        assert torch.equal(ours, reference), band
+    assert refined[0, 1].abs().max() == 0  # absent classes stay zero through PAR
+
+
+def test_pipeline_outputs_and_shapes() -> None:
+    torch.manual_seed(0)
+    net = ECANet("mit_nano", num_classes=4).eval()
+    pipeline = PseudoLabelPipeline(
+        net, PAR(dilations=(1, 2), num_iter=2), cam_scales=(1.0, 0.5), par_downsample=2
+    )
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    crop_box = torch.tensor([[0, 64, 0, 48], [0, 32, 0, 64]])
+    out = pipeline(images, labels, crop_box=crop_box, with_carm=False)
+    assert out.cams.shape == (2, 3, 4, 4)
+    assert out.cam_label.shape == (2, 64, 64) and out.cam_label_band is not None
+    assert (out.cam_label[0, :, 48:] == 255).all() and (out.cam_label[1, 32:] == 255).all()
+    present = {int(v) for v in out.cam_label[1].unique()}
+    assert present <= {0, 2, 255}  # only background, the labelled class and ignore
+    assert out.carm is None and out.carm_label is None
