@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -36,7 +37,10 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
-    """The git commit of the working tree (with ``-dirty`` when it has uncommitted changes)."""
+    """The git commit of the working tree (``-dirty`` with uncommitted changes); ``ECASEG_COMMIT`` overrides
+    it where the tree has no ``.git`` (a copy on a GPU machine)."""
+    if os.environ.get("ECASEG_COMMIT"):
+        return os.environ["ECASEG_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(

@@ -22,7 +22,7 @@ def test_single_refinement_equals_refinement_per_threshold() -> None:
     scores = torch.rand(2, 3, 6, 7)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     crop_box = torch.tensor([[0, 20, 2, 28], [3, 24, 0, 25]])
-    refined = pipeline._refine_scores(rgb, scores, labels)
+    (refined,) = pipeline._refine_scores(rgb, [scores], labels)
     for band in (None, (0.35, 0.55)):
         ours = cam_to_label(refined, labels, alpha=0.5, band=band, crop_box=crop_box)
         reference = refine_pseudo_label(par, rgb, scores, labels, alpha=0.5, band=band, crop_box=crop_box)
@@ -46,3 +46,17 @@ def test_pipeline_outputs_and_shapes() -> None:
     present = {int(v) for v in out.cam_label[1].unique()}
     assert present <= {0, 2, 255}  # only background, the labelled class and ignore
     assert out.carm is None and out.carm_label is None
+
+
+def test_compact_refinement_of_labelled_channels_is_exact() -> None:
+    torch.manual_seed(1)
+    par = PAR(dilations=(1, 2), num_iter=3)
+    pipeline = PseudoLabelPipeline(ECANet("mit_nano", num_classes=6), par, par_downsample=1)
+    rgb = torch.rand(3, 3, 20, 20)
+    cams, carm = torch.rand(3, 5, 5, 5), torch.rand(3, 5, 5, 5)
+    labels = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0], [1, 1, 0, 1, 0]])
+    full = pipeline._refine_scores(rgb, [cams, carm], labels)
+    compact = pipeline._refine_scores(rgb, [cams, carm], labels, max_labels=3)
+    for a, b in zip(full, compact):
+        assert torch.allclose(a, b, atol=1e-6)
+        assert b[1, [0, 1, 3, 4]].abs().max() == 0  # absent classes stay empty after the scatter

@@ -94,3 +94,20 @@ def test_real_runs_refuse_silent_random_backbones(tmp_path: Path) -> None:
     cfg = load_config("synthetic_tiny", [*TINY, "model.allow_random_backbone=false"])
     with pytest.raises(ConfigError, match="backbone_weights"):
         ECATrainer(cfg, tmp_path, progress=False)
+
+
+def test_optimised_step_equals_plain_step_in_fp32(tmp_path: Path) -> None:
+    """The compact PAR path (labelled channels only, shared refinements) changes no loss."""
+    losses = []
+    for compact in ("true", "false"):
+        overrides = [*TINY, "train.cls_warmup_iters=0", "data.synthetic_num_classes=6"]
+        cfg = load_config("synthetic_tiny", [*overrides, f"method.compact_par={compact}"])
+        torch.manual_seed(0)
+        trainer = ECATrainer(cfg, tmp_path / compact, progress=False)
+        batch = _batch(trainer)
+        assert int(batch["label"].sum(1).max()) < 6  # so that the compact path really gathers channels
+        torch.manual_seed(1)
+        losses.append(trainer.train_step(batch).losses)
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        assert torch.allclose(losses[0][key], losses[1][key], rtol=1e-5, atol=1e-6), key

@@ -111,6 +111,7 @@ class MethodConfig:
     par_w1: float = 0.3
     par_w2: float = 0.01
     par_downsample: int = 2
+    compact_par: bool = True
 
 
 @dataclass

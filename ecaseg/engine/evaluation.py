@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
-from ecaseg.crf import CRFParams
+from ecaseg.crf import CRFParams, dense_crf
 from ecaseg.data import denormalize
-from ecaseg.engine.inference import autocast_context, predict_labels
+from ecaseg.engine.inference import autocast_context, predict_labels, predict_probs
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
 from ecaseg.models import ECANet
@@ -72,15 +73,35 @@ def evaluate_segmentation(
     was_training = net.training
     net.eval()
     loader = eval_loader(dataset, max_images, num_workers)
-    for sample in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
-        if "mask" not in sample:
-            raise ValueError("evaluation needs ground-truth masks; this split has none")
-        images = sample["image"][None].to(device)
-        rgb = _rgb_uint8(images) if crf is not None else None
-        pred = predict_labels(
-            net, images, rgb, scales=scales, flip=flip, crf=crf, crf_workers=crf_workers, amp=amp
-        )
-        metric.update(pred, sample["mask"][None].to(device))
+    # dense CRF runs on CPU processes while the GPU predicts the next images
+    pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
+    pending: deque[tuple[Future[np.ndarray], torch.Tensor]] = deque()
+    try:
+        for sample in tqdm(
+            loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False
+        ):
+            if "mask" not in sample:
+                raise ValueError("evaluation needs ground-truth masks; this split has none")
+            images = sample["image"][None].to(device)
+            target = sample["mask"][None].to(device)
+            if crf is None:
+                metric.update(predict_labels(net, images, scales=scales, flip=flip, amp=amp), target)
+                continue
+            probs = predict_probs(net, images, scales=scales, flip=flip, amp=amp)[0].cpu().numpy()
+            rgb = _rgb_uint8(images)[0]
+            if pool is None:
+                metric.update(torch.from_numpy(dense_crf(rgb, probs, crf))[None].to(device), target)
+                continue
+            pending.append((pool.submit(dense_crf, rgb, probs, crf), target))
+            while len(pending) > 2 * crf_workers:
+                future, done_target = pending.popleft()
+                metric.update(torch.from_numpy(future.result())[None].to(device), done_target)
+        while pending:
+            future, done_target = pending.popleft()
+            metric.update(torch.from_numpy(future.result())[None].to(device), done_target)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     net.train(was_training)
     return metric.compute()
 
@@ -144,4 +165,4 @@ def evaluate_wsss(
     cls = cls_metric.compute()
     result["cls_map"] = float(cls["map"])
     result["cls_f1"] = float(cls["mean_f1"])
-    return {k: (v if not math.isnan(v) else float("nan")) for k, v in result.items()}
+    return result

@@ -91,18 +91,42 @@ class PseudoLabelPipeline:
         self.band = band
         self.par_downsample = par_downsample
 
-    def _refine_scores(self, rgb: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Upsample foreground scores to the PAR resolution, zero absent classes and refine them once.
+    def _refine_scores(
+        self, rgb: Tensor, sources: list[Tensor], labels: Tensor, max_labels: int | None = None
+    ) -> list[Tensor]:
+        """Refine foreground score maps with one PAR call; returns ``[B, C, H', W']`` per source.
 
-        PAR is linear in the maps and keeps constant maps constant, so refining ``[alpha, S]`` gives
-        ``[alpha, PAR(S)]``: one refinement of the foreground scores serves the hard threshold and both band
-        thresholds exactly (AFA refines twice, once per band threshold).
+        Exact shortcuts, all because PAR is linear in the maps, channel-independent, and keeps constant
+        maps constant:
+
+        * refining ``[alpha, S]`` gives ``[alpha, PAR(S)]``, so one refinement of the foreground scores
+          serves the hard threshold and both band thresholds (AFA refines once per threshold);
+        * absent classes are zero and stay zero, so only the labelled channels are refined: with
+          ``max_labels`` (the most labels of an image in the batch, known on the host) the labelled
+          channels are gathered into ``max_labels`` slots (VOC: 1-4 instead of 20) and scattered back;
+        * the CAM and the CARM share the image kernel: their maps are refined in the same call.
         """
         size = (rgb.shape[-2], rgb.shape[-1])
-        with torch.autocast(device_type=scores.device.type, enabled=False):
-            fg = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-            fg = fg * labels[:, :, None, None].float()
-            return self.par(rgb, fg) if self.par is not None else fg
+        batch, num_fg = labels.shape
+        slots = num_fg if max_labels is None else max(1, min(int(max_labels), num_fg))
+        with torch.autocast(device_type=rgb.device.type, enabled=False):
+            weights = labels.float()[:, :, None, None]
+            order = labels.float().argsort(dim=1, descending=True, stable=True)[:, :slots]  # labelled first
+            maps = []
+            for scores in sources:
+                fg = scores.float() * weights
+                if slots < num_fg:
+                    fg = fg.gather(1, order[:, :, None, None].expand(-1, -1, *fg.shape[-2:]))
+                maps.append(F.interpolate(fg, size=size, mode="bilinear", align_corners=False))
+            stacked = torch.cat(maps, dim=1)
+            refined = self.par(rgb, stacked) if self.par is not None else stacked
+            outs = []
+            for part in refined.split(slots, dim=1):
+                if slots < num_fg:
+                    full = part.new_zeros(batch, num_fg, *size)
+                    part = full.scatter(1, order[:, :, None, None].expand(-1, -1, *size), part)
+                outs.append(part)
+            return outs
 
     def _label(
         self,
@@ -136,6 +160,7 @@ class PseudoLabelPipeline:
         with_band: bool = True,
         with_carm: bool = True,
         update_prototypes: bool = False,
+        max_labels: int | None = None,
     ) -> PseudoLabels:
         """Pseudo-label a batch.
 
@@ -147,6 +172,9 @@ class PseudoLabelPipeline:
             with_band: also produce the band labels (uncertain pixels ignored).
             with_carm: produce CARM and its labels (needs ``dino`` and ``carm_generator``).
             update_prototypes: update the momentum prototypes (Eq. 8), only during training.
+            max_labels: the largest number of labels of one image in the batch, if known on the host
+                (from the CPU batch): PAR then refines only that many channels per image (exact).
+                ``None`` refines all C channels (no host sync either way).
         """
         height, width = images.shape[-2:]
         cams = multiscale_cam(self.net, images, labels, scales=self.cam_scales, flip=self.cam_flip)
@@ -160,10 +188,8 @@ class PseudoLabelPipeline:
             size = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
         out_hw = (height, width)
-        refined = self._refine_scores(rgb, cams, labels)
-        out = PseudoLabels(cams=cams, cam_label=self._label(refined, labels, crop_box, out_hw, False))
-        if with_band:
-            out.cam_label_band = self._label(refined, labels, crop_box, out_hw, True)
+        out = PseudoLabels(cams=cams, cam_label=cams.new_zeros(0, dtype=torch.long))
+        sources = [cams]
         if with_carm and self.dino is not None and self.carm_generator is not None:
             assert features is not None
             dino = self.dino(images)
@@ -178,7 +204,6 @@ class PseudoLabelPipeline:
             )
             out.carm = result.carm
             out.carm_raw = result.carm_raw
-            fg = result.carm[:, 1:]
             if self.carm_background == "map":  # background CARM as the background score: PAR on [bg, fg]
                 box = (
                     None
@@ -186,14 +211,19 @@ class PseudoLabelPipeline:
                     else torch.div(crop_box, self.par_downsample, rounding_mode="floor")
                 )
                 label = refine_pseudo_label(
-                    self.par, rgb, fg, labels, crop_box=box, bg_scores=result.carm[:, :1]
+                    self.par, rgb, result.carm[:, 1:], labels, crop_box=box, bg_scores=result.carm[:, :1]
                 )
                 out.carm_label = self._resize_label(label, out_hw)
                 if with_band:
                     out.carm_label_band = out.carm_label
             else:
-                refined = self._refine_scores(rgb, fg, labels)
-                out.carm_label = self._label(refined, labels, crop_box, out_hw, False)
-                if with_band:
-                    out.carm_label_band = self._label(refined, labels, crop_box, out_hw, True)
+                sources.append(result.carm[:, 1:])
+        refined = self._refine_scores(rgb, sources, labels, max_labels)
+        out.cam_label = self._label(refined[0], labels, crop_box, out_hw, False)
+        if with_band:
+            out.cam_label_band = self._label(refined[0], labels, crop_box, out_hw, True)
+        if len(refined) > 1:
+            out.carm_label = self._label(refined[1], labels, crop_box, out_hw, False)
+            if with_band:
+                out.carm_label_band = self._label(refined[1], labels, crop_box, out_hw, True)
         return out

@@ -338,6 +338,13 @@ class ECATrainer:
         images = batch["image"].to(device, non_blocking=True)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        # the most labels of one image, read from the host-side batch (no device sync): PAR refines only
+        # the labelled channels (method.compact_par)
+        max_labels = (
+            int(batch["label"].sum(1).max())
+            if m.compact_par and batch["label"].device.type == "cpu"
+            else None
+        )
         labels = batch["label"].to(device, non_blocking=True).float()
         crop_box = batch["crop_box"].to(device, non_blocking=True) if "crop_box" in batch else None
         warmup = self.iteration < cfg.train.cls_warmup_iters
@@ -374,6 +381,7 @@ class ECATrainer:
                         with_band=need_cce or m.aff_source != "none",
                         with_carm=self.use_dino,
                         update_prototypes=True,
+                        max_labels=max_labels,
                     )
                 if need_seg:
                     seg = torch.zeros((), device=device)
