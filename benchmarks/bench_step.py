@@ -72,11 +72,10 @@ class RandomSegData(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def make_batch(data: RandomSegData, batch: int, device: torch.device) -> dict[str, Any]:
     samples = [data[i] for i in range(batch)]
-    return {
-        "image": torch.stack([s["image"] for s in samples]).to(device),
-        "label": torch.stack([s["label"] for s in samples]).to(device),
-        "crop_box": torch.stack([s["crop_box"] for s in samples]).to(device),
-    }
+    # host tensors (pinned on CUDA), as the DataLoader gives them: the step copies them itself
+    pin = device.type == "cuda"
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("image", "label", "crop_box")}
+    return {k: v.pin_memory() if pin else v for k, v in batch.items()}
 
 
 def scale_settings(device: torch.device) -> dict[str, Any]:

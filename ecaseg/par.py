@@ -56,9 +56,25 @@ def _par_kernel(images: torch.Tensor, dilations: Sequence[int], w1: float, w2: f
     diff = (neigh - images.unsqueeze(2)).abs()
     rgb_logits = -((diff / (std + 1e-8) / w1) ** 2).mean(dim=1)  # [B, P, H, W]
     rgb = rgb_logits.softmax(dim=1)
-    dist = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=images.dtype, device=images.device)
-    pos = (-((dist / (dist.std() + 1e-8) / w1) ** 2)).softmax(dim=0).view(1, -1, 1, 1)
+    pos = _position_kernel(tuple(dilations), w1, images.device, images.dtype)
     return (rgb + w2 * pos) / (1.0 + w2)
+
+
+_POSITION_KERNELS: dict[tuple[tuple[int, ...], float, str, torch.dtype], torch.Tensor] = {}
+
+
+def _position_kernel(
+    dilations: tuple[int, ...], w1: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The position kernel ``[1, P, 1, 1]``: the same for every pixel, built on the CPU once per device and
+    cached (so that training steps make no host-to-device copy)."""
+    key = (dilations, w1, str(device), dtype)
+    if key not in _POSITION_KERNELS:
+        offsets = neighbour_offsets(dilations)
+        dist = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=torch.float64)
+        pos = (-((dist / (dist.std() + 1e-8) / w1) ** 2)).softmax(dim=0).view(1, -1, 1, 1)
+        _POSITION_KERNELS[key] = pos.to(device=device, dtype=dtype)
+    return _POSITION_KERNELS[key]
 
 
 def par_refine(
