@@ -276,6 +276,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_dino(args: argparse.Namespace) -> int:
+    from ecaseg.engine.dino_pretrain import main as pretrain_main
+
+    result = pretrain_main(list(args.args))
+    return result if isinstance(result, int) else 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.name:
         print(json.dumps(config_to_dict(load_config(args.name, args.overrides)), indent=2))
@@ -362,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ecaseg_demo"))
     p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 CPU cores)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "pretrain-dino",
+        help="DINO self-distillation of an affinity ViT on unlabelled images (see pretrain-dino --help)",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_pretrain_dino)
 
     p = sub.add_parser("configs", help="list packaged configs, or print one")
     p.add_argument("name", nargs="?")

@@ -142,7 +142,7 @@ def evaluate_wsss(
         height, width = images.shape[-2:]
         with autocast_context(device, amp):
             out = net(images, with_seg=True, with_aff=False)
-        cls_metric.update(out.cls_logits.float().sigmoid(), labels)
+        cls_metric.update(out.cls_logits.float(), labels)  # logits: the metric applies the sigmoid
         assert out.seg_logits is not None
         seg = torch.nn.functional.interpolate(out.seg_logits.float(), size=(height, width), mode="bilinear")
         metrics["seg"].update(seg.argmax(1), target)
