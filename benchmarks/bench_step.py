@@ -34,7 +34,7 @@ from common import record, sync, time_fn
 
 from ecaseg.carm import CARMGenerator
 from ecaseg.crf import CRFParams, dense_crf
-from ecaseg.engine.config import load_config
+from ecaseg.engine.config import Config, load_config
 from ecaseg.engine.inference import predict_labels, predict_probs
 from ecaseg.engine.trainer import ECATrainer
 
@@ -70,6 +70,21 @@ class RandomSegData(torch.utils.data.Dataset):  # type: ignore[type-arg]
         }
 
 
+RANDOM_WEIGHTS = [
+    "model.allow_random_backbone=true",
+    "model.backbone_weights=",
+    "model.dino_allow_random_init=true",
+    "model.dino_weights=",
+    "train.val_interval=0",
+    "train.cls_warmup_iters=0",
+]
+
+
+def random_weights_config(overrides: list[str]) -> Config:
+    """The paper's VOC config with random weights (speed does not depend on them) and no warm-up."""
+    return load_config("voc", [*RANDOM_WEIGHTS, *overrides])
+
+
 def make_batch(data: RandomSegData, batch: int, device: torch.device) -> dict[str, Any]:
     samples = [data[i] for i in range(batch)]
     # host tensors (pinned on CUDA), as the DataLoader gives them: the step copies them itself
@@ -98,16 +113,9 @@ def bench_steps(
     results: dict[str, Any] = {}
     data = RandomSegData(s["classes"], s["crop"])
     for name, overrides in VARIANTS.items():
-        cfg = load_config(
-            "voc",
+        cfg = random_weights_config(
             [
                 *overrides,
-                "model.allow_random_backbone=true",
-                "model.backbone_weights=",
-                "model.dino_allow_random_init=true",
-                "model.dino_weights=",
-                "train.val_interval=0",
-                "train.cls_warmup_iters=0",
                 f"train.batch_size={s['batch']}",
                 f"data.crop_size={s['crop']}",
                 f"method.local_size={s['local']}",

@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import RandomSegData
+from bench_step import RandomSegData, random_weights_config
 
-from ecaseg.engine.config import load_config
 from ecaseg.engine.trainer import ECATrainer
 
 
@@ -27,17 +26,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("check_sync needs CUDA")
         return
-    cfg = load_config(
-        "voc",
-        [
-            "model.allow_random_backbone=true",
-            "model.backbone_weights=",
-            "model.dino_allow_random_init=true",
-            "model.dino_weights=",
-            "train.val_interval=0",
-            "train.cls_warmup_iters=0",
-        ],
-    )
+    cfg = random_weights_config([])
     data = RandomSegData(21, 512)
     trainer = ECATrainer(cfg, "/tmp/ecaseg-sync", train_dataset=data, progress=False)
     samples = [data[i] for i in range(8)]
