@@ -139,3 +139,63 @@ def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "last.pth").is_file()
     assert len(list(tmp_path.glob("*.pth"))) == 1
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "ecaseg.cli",
+        "train",
+        "--config",
+        "synthetic_tiny",
+        "train.max_iters=100000",
+        "train.val_interval=0",
+        "train.ckpt_interval=0",
+        "train.log_interval=1",
+        "--work-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    log = tmp_path / "train.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "iter 2/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    from ecaseg.engine.trainer import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert 2 <= ckpt["iteration"] < 100000
+    assert "signal" in log.read_text()
+
+
+def test_tensorboard_scalars_and_image_panels(tmp_path: Path) -> None:
+    code = main(
+        [
+            "train",
+            "--config",
+            "synthetic_tiny",
+            "train.tensorboard=true",
+            "train.val_interval=2",
+            "train.max_iters=2",
+            "--work-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/total", "val/seg_miou", "val/cam_miou", "lr"} <= set(tags["scalars"])
+    assert "train/panels" in tags["images"]

@@ -15,7 +15,7 @@ from ecaseg.data import denormalize
 from ecaseg.engine.inference import colorize
 from ecaseg.engine.pseudo import PseudoLabels
 
-__all__ = ["heatmap", "label_panel", "panel_row", "to_rgb_uint8", "training_panels"]
+__all__ = ["bar_chart", "heatmap", "label_panel", "panel_row", "to_rgb_uint8", "training_panels"]
 
 
 def to_rgb_uint8(images: Tensor) -> np.ndarray:
@@ -82,3 +82,52 @@ def training_panels(images: Tensor, pseudo: PseudoLabels, pred: Tensor, n: int) 
             stacked.append(gap)
         stacked.append(row)
     return np.concatenate(stacked, axis=0)
+
+
+def bar_chart(
+    series: dict[str, Sequence[float]],
+    class_names: Sequence[str],
+    height: int = 220,
+    bar_width: int = 9,
+) -> np.ndarray:
+    """Grouped bar chart of per-class values in [0, 1] (e.g. IoU per class for several models).
+
+    Args:
+        series: model name -> one value per class (NaN drawn as no bar).
+        class_names: the class names, in order (x axis labels).
+        height: height of the plotting area in pixels.
+        bar_width: width of one bar in pixels.
+
+    Returns:
+        ``[H, W, 3]`` uint8 RGB image with a legend.
+    """
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    names = list(series)
+    group = max(bar_width * len(names) + 8, 64)
+    left, top, bottom = 34, 24, 30
+    width = max(left + group * len(class_names) + 10, left + 110 * len(names))
+    canvas = np.full((top + height + bottom, width, 3), 255, np.uint8)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + round((1 - tick) * height)
+        cv2.line(canvas, (left, y), (width - 5, y), (225, 225, 225), 1)
+        cv2.putText(
+            canvas, f"{tick:.2f}", (2, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (90, 90, 90), 1, cv2.LINE_AA
+        )
+    for c, class_name in enumerate(class_names):
+        x0 = left + c * group + 4
+        for m, name in enumerate(names):
+            value = float(series[name][c])
+            if value != value:  # NaN
+                continue
+            y = top + round((1 - min(max(value, 0.0), 1.0)) * height)
+            x = x0 + m * bar_width
+            cv2.rectangle(canvas, (x, y), (x + bar_width - 2, top + height), colors[m % len(colors)], -1)
+        label_pos = (x0, top + height + 12)
+        cv2.putText(
+            canvas, class_name[:10], label_pos, cv2.FONT_HERSHEY_SIMPLEX, 0.3, (0, 0, 0), 1, cv2.LINE_AA
+        )
+    for m, name in enumerate(names):
+        x = left + m * 110
+        cv2.rectangle(canvas, (x, 6), (x + 10, 16), colors[m % len(colors)], -1)
+        cv2.putText(canvas, name, (x + 14, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
