@@ -36,6 +36,7 @@ __all__ = [
     "extract_features",
     "fit_to_patch",
     "load_vit_weights",
+    "packaged_weights",
     "read_checkpoint",
     "register_variant",
 ]
@@ -66,6 +67,8 @@ class DINOVariant:
         hub_tag: timm ``"<arch>.<tag>"`` name whose ``pretrained=True`` weights equal the official ones, or
             ``None`` when timm has no such weights.
         num_reg_tokens: Register tokens (DINOv2 "reg" models); they are dropped from the patch set.
+        default_weights: File name, in the package's ``ecaseg/assets`` folder, of weights shipped with
+            ecaseg; ``DINOAffinity(name)`` loads them when no ``weights`` are given.
     """
 
     family: Family
@@ -79,6 +82,7 @@ class DINOVariant:
     url: str | None = None
     hub_tag: str | None = None
     num_reg_tokens: int = 0
+    default_weights: str | None = None
 
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
@@ -201,7 +205,48 @@ DINO_VARIANTS: dict[str, DINOVariant] = {
         depth=4,
         model_kwargs={"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
     ),
+    # The same tiny ViT, DINO-pretrained on the synthetic benchmark's train split by
+    # ecaseg.engine.dino_pretrain; the weights ship with the package (docs: dino_pretrain page).
+    "vit_nano_p8_synthetic": DINOVariant(
+        family="dino",
+        patch_size=8,
+        embed_dim=96,
+        num_heads=3,
+        depth=4,
+        model_kwargs={"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        file_names=("dino_vit_nano_p8_synthetic.pth",),
+        default_weights="dino_vit_nano_p8_synthetic.pth",
+    ),
 }
+
+#: Folder of the weights shipped inside the package (see :attr:`DINOVariant.default_weights`).
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def packaged_weights(name: str) -> Path:
+    """Path of the weights shipped with ecaseg for DINO variant ``name``.
+
+    Args:
+        name: Key of :data:`DINO_VARIANTS` with ``default_weights``.
+
+    Returns:
+        The file in ``ecaseg/assets``.
+
+    Raises:
+        ConfigError: If the variant is unknown or ships no weights.
+        CheckpointError: If the file is missing from the installation.
+
+    Example:
+        >>> packaged_weights("vit_nano_p8_synthetic").name
+        'dino_vit_nano_p8_synthetic.pth'
+    """
+    variant = _get_variant(name)
+    if variant.default_weights is None:
+        raise ConfigError(f"DINO variant {name!r} ships no weights with ecaseg")
+    path = ASSETS_DIR / variant.default_weights
+    if not path.is_file():
+        raise CheckpointError(f"the packaged weights of {name!r} are missing from the installation: {path}")
+    return path
 
 
 def register_variant(name: str, variant: DINOVariant, *, overwrite: bool = False) -> None:
@@ -591,8 +636,9 @@ class DINOAffinity(nn.Module):
     * ``weights`` = path of the official file of the variant (e.g. ``dino_deitsmall8_pretrain.pth``,
       ``dinov2_vits14_pretrain.pth``, ``vit-s-300ep.pth.tar``), a timm / Hugging Face ``model.safetensors``,
       or a state dict; loaded strictly.
-    * ``weights=None``: timm's ``pretrained=True`` download when the variant has a hub tag and the hub is
-      reachable, else :class:`~ecaseg.errors.CheckpointError` saying which file to download.
+    * ``weights=None``: the weights shipped with ecaseg when the variant has ``default_weights`` (e.g.
+      ``"vit_nano_p8_synthetic"``), else timm's ``pretrained=True`` download when the variant has a hub tag
+      and the hub is reachable, else :class:`~ecaseg.errors.CheckpointError` saying which file to download.
     * ``allow_random_init=True`` with ``weights=None``: random weights (tests, synthetic runs only).
 
     Args:
@@ -625,6 +671,8 @@ class DINOAffinity(nn.Module):
         self.variant = variant
         self.resize_to_patch = resize_to_patch
         self.autocast = autocast
+        if weights is None and variant.default_weights is not None:
+            weights = packaged_weights(name)
         if weights is not None:
             vit = build_vit(variant)
             load_vit_weights(vit, weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "build_model",
     "build_par",
     "needs_dino",
+    "resolve_weights",
     "synthetic_config",
 ]
 
@@ -117,11 +119,24 @@ def needs_dino(cfg: Config) -> bool:
     return not m.fully_supervised and (m.use_carm_seg or m.aff_source == "carm")
 
 
+def resolve_weights(path: str) -> str | None:
+    """``""`` -> ``None``; ``"packaged:NAME"`` -> the file ``NAME`` shipped in ``ecaseg/assets``."""
+    if not path:
+        return None
+    if path.startswith("packaged:"):
+        name = path.split(":", 1)[1]
+        asset = resources.files("ecaseg") / "assets" / name
+        if not asset.is_file():
+            raise ConfigError(f"no packaged weights {name!r} in ecaseg/assets")
+        return str(asset)
+    return path
+
+
 def build_dino(cfg: Config) -> DINOAffinity:
-    """The frozen affinity ViT of ``model.dino`` with ``model.dino_weights``."""
+    """The frozen affinity ViT of ``model.dino`` with ``model.dino_weights`` (a path or ``packaged:NAME``)."""
     m = cfg.model
     return DINOAffinity(
-        name=m.dino, weights=m.dino_weights or None, allow_random_init=m.dino_allow_random_init
+        name=m.dino, weights=resolve_weights(m.dino_weights), allow_random_init=m.dino_allow_random_init
     )
 
 

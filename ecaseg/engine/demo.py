@@ -18,29 +18,38 @@ import torch
 from ecaseg.engine.builders import build_dataset
 from ecaseg.engine.config import Config, load_config
 from ecaseg.engine.evaluation import evaluate_segmentation
+from ecaseg.engine.inference import write_png
 from ecaseg.engine.trainer import ECATrainer
-from ecaseg.engine.visualize import training_panels
+from ecaseg.engine.visualize import bar_chart, training_panels
 from ecaseg.metrics import format_iou_table
 from ecaseg.utils.io import atomic_write_text
 
 __all__ = ["demo_configs", "run_demo"]
 
 
+QUICK_BUDGET = [
+    "train.max_iters=100",
+    "train.cls_warmup_iters=25",
+    "optim.warmup_iters=15",
+    "data.synthetic_num_train=200",
+    "data.synthetic_num_val=40",
+]
+
+
 def demo_configs(seed: int, quick: bool) -> dict[str, Config]:
-    """The three configs of the demo (ECA, baseline, supervised) for a benchmark seed."""
-    common = [f"data.synthetic_seed={seed}", f"train.seed={seed}", "train.tensorboard=false"]
+    """The three configs of the demo (ECA, AFA-style baseline, supervised), one budget, one benchmark seed.
+
+    The full budget is ``ecaseg/configs/synthetic.yaml``'s; ``quick`` cuts iterations and images.
+    """
+    common = [
+        f"data.synthetic_seed={seed}",
+        f"train.seed={seed}",
+        "train.tensorboard=false",
+        "train.val_interval=0",
+        "train.ckpt_interval=0",
+    ]
     if quick:
-        common += [
-            "train.max_iters=120",
-            "train.cls_warmup_iters=30",
-            "train.val_interval=0",
-            "train.ckpt_interval=0",
-            "data.synthetic_num_train=160",
-            "data.synthetic_num_val=40",
-            "optim.warmup_iters=20",
-        ]
-    else:
-        common += ["train.val_interval=0", "train.ckpt_interval=0"]
+        common += QUICK_BUDGET
     return {
         "eca": load_config("synthetic", [*common, "name=eca"]),
         "baseline": load_config(
@@ -72,12 +81,18 @@ def run_demo(out_dir: Path, seed: int = 0, quick: bool = False, progress: bool =
         trainer = ECATrainer(cfg, out_dir / name, val_dataset=val_dataset, progress=progress)
         trainer.train()
         seg = evaluate_segmentation(trainer.net, val_dataset, device=trainer.device, progress=False)
+        seg.pop("confusion", None)
         entry: dict[str, Any] = {"seg": seg}
         if name != "supervised":
             entry["wsss"] = trainer.validate()
         results[name] = entry
         if name == "eca":
             _figures(trainer, out_dir)
+    bars = bar_chart(
+        {name: entry["seg"]["per_class_iou"] for name, entry in results.items()},
+        class_names or [str(i) for i in range(len(results["eca"]["seg"]["per_class_iou"]))],
+    )
+    write_png(out_dir / "per_class_iou.png", bars)
     eca_wsss = results["eca"]["wsss"]
     metrics = {
         "seed": seed,
@@ -99,8 +114,6 @@ def run_demo(out_dir: Path, seed: int = 0, quick: bool = False, progress: bool =
 
 
 def _figures(trainer: ECATrainer, out_dir: Path) -> None:
-    from ecaseg.engine.inference import write_png
-
     dataset = trainer.val_dataset
     if dataset is None:
         return
@@ -141,5 +154,7 @@ def _report(metrics: dict[str, Any], results: dict[str, dict[str, Any]], class_n
             format_iou_table(entry["seg"]["per_class_iou"], class_names, title=f"{name} segmentation")
         )
         lines.append("")
-    lines.append("![panels](panels.png)")
+    lines.append("![image, CAM, CARM, CAM and CARM pseudo-labels, prediction](panels.png)")
+    lines.append("")
+    lines.append("![per-class IoU](per_class_iou.png)")
     return "\n".join(lines) + "\n"

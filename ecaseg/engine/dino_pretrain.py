@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import logging
 import math
 import sys
 import time
@@ -44,8 +45,10 @@ from ecaseg.carm import affinity_graph
 from ecaseg.data import IMAGE_EXTENSIONS, adjust_hue, denormalize, normalize, read_image
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset, render_sample
 from ecaseg.dino_affinity import DINO_VARIANTS, DINOAffinity, build_vit
-from ecaseg.errors import ConfigError, DatasetError, EcasegError
+from ecaseg.errors import CheckpointError, ConfigError, DatasetError, EcasegError
 from ecaseg.utils.io import atomic_save_torch
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = [
     "DINOHead",
@@ -61,6 +64,7 @@ __all__ = [
     "multi_crop",
     "patch_majority",
     "pretrain_dino",
+    "teacher_entropies",
     "update_center",
 ]
 
@@ -120,6 +124,8 @@ class DINOPretrainConfig:
         iters: Number of iterations.
         seed: Seed of the initialisation, data order and augmentations.
         num_workers: DataLoader worker processes.
+        cache_images: Keep every decoded image in memory after its first read (small datasets; with
+            workers, each worker keeps its own cache).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         amp: bf16 autocast on CUDA.
         log_interval: Iterations between loss reports (the loss is read back to the host only then).
@@ -169,6 +175,7 @@ class DINOPretrainConfig:
     iters: int = 300
     seed: int = 0
     num_workers: int = 0
+    cache_images: bool = False
     device: str = "auto"
     amp: bool = True
     log_interval: int = 20
@@ -294,18 +301,26 @@ def _unit_image(image: Any, index: int) -> Tensor:
 class _SquareImages(Dataset):
     """Wraps a dataset: item ``i`` -> float32 ``[3, S, S]`` in [0, 1], a random square cut resized to S."""
 
-    def __init__(self, source: Dataset, size: int) -> None:
+    def __init__(self, source: Dataset, size: int, cache: bool = False) -> None:
         self.source = source
         self.size = size
+        self.cache: dict[int, Any] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Tensor:
+    def _image(self, index: int) -> Any:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
         item = self.source[index]
         if not isinstance(item, dict) or "image" not in item:
             raise DatasetError(f"item {index} of {type(self.source).__name__} has no 'image' entry")
-        image = item["image"]
+        if self.cache is not None:
+            self.cache[index] = item["image"]
+        return item["image"]
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self._image(index)
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
             h, w = image.shape[:2]
             side = min(h, w)
@@ -680,6 +695,34 @@ def dino_loss(
 
 
 @torch.no_grad()
+def teacher_entropies(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> tuple[float, float]:
+    """Collapse diagnostics: mean entropy of the teacher's per-image distributions, and entropy of their mean.
+
+    Uniform collapse: the first tends to ``ln K`` (every image gets the flat distribution). Collapse to one
+    dimension: the second tends to 0 (every image gets the same peaked distribution). A healthy run has a
+    low first value and a high second one. Reads values back to the host (call at log intervals only).
+
+    Args:
+        teacher_out: ``[M, K]`` teacher logits.
+        center: ``[1, K]`` centre.
+        teacher_temp: Teacher temperature.
+
+    Returns:
+        ``(mean per-image entropy, entropy of the batch-mean distribution)`` in nats.
+
+    Example:
+        >>> h, hm = teacher_entropies(torch.zeros(2, 4), torch.zeros(1, 4), 0.04)
+        >>> round(h, 4), round(hm, 4)  # flat outputs: both ln 4
+        (1.3863, 1.3863)
+    """
+    probs = F.softmax((teacher_out.float() - center.float().reshape(1, -1)) / teacher_temp, dim=-1)
+    per_image = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
+    mean = probs.mean(dim=0)
+    of_mean = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    return float(per_image), float(of_mean)
+
+
+@torch.no_grad()
 def update_center(center: Tensor, teacher_out: Tensor, momentum: float) -> Tensor:
     """New centre ``c <- m c + (1 - m) mean_rows(teacher_out)`` (float32, no gradient).
 
@@ -857,7 +900,7 @@ def pretrain_dino(
     device = _resolve_device(cfg.device)
     out = Path(out)
     source = _as_dataset(images)
-    dataset = _SquareImages(source, cfg.image_size)
+    dataset = _SquareImages(source, cfg.image_size, cfg.cache_images)
     torch.manual_seed(cfg.seed)
     student, teacher = _build_nets(cfg, device)
     groups = _param_groups(student)
@@ -876,14 +919,19 @@ def pretrain_dino(
     start = 0
     state_file = resume_path(out)
     if cfg.resume and state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        center = state["center"].to(device)
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["iteration"])
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            optimizer.load_state_dict(state["optimizer"])
+            center = state["center"].to(device)
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["iteration"])
+        except Exception as err:  # corrupt file, other recipe (head size, variant), ...
+            raise CheckpointError(
+                f"cannot resume from {state_file}: {type(err).__name__}: {err}; delete it to start afresh"
+            ) from err
 
     batch_size = min(cfg.batch_size, len(dataset))
     loader_gen = torch.Generator().manual_seed(cfg.seed + start)
@@ -935,6 +983,20 @@ def pretrain_dino(
                 raise EcasegError(
                     f"DINO loss is {value} at iteration {done}; lower lr (now {cfg.lr}) or raise teacher_temp"
                 )
+            ent, mean_ent = teacher_entropies(teacher_out, center, float(temp_at[it]))
+            _LOG.info(
+                "iter %d/%d loss %.4f teacher entropy %.3f (of its batch mean %.3f; ln K %.3f) lr %.2e "
+                "momentum %.5f %.0f s",
+                done,
+                cfg.iters,
+                value,
+                ent,
+                mean_ent,
+                math.log(cfg.out_dim),
+                lr_at[it],
+                momentum_at[it],
+                time.perf_counter() - tic,
+            )
             if bar is not None:
                 bar.set_postfix(
                     loss=f"{value:.4f}", lr=f"{lr_at[it]:.2e}", s=f"{time.perf_counter() - tic:.0f}"
@@ -1203,7 +1265,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--synthetic-num-train", type=int, default=1000, help="SyntheticConfig.num_train")
     parser.add_argument("--synthetic-image-size", type=int, default=128, help="SyntheticConfig.image_size")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     for f in dataclasses.fields(DINOPretrainConfig):
         default = getattr(DINOPretrainConfig, f.name)
 
@@ -1252,6 +1314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status: 0, or 2 after a one-line error message for bad user input.
     """
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
         out = run_from_args(args)

@@ -1,0 +1,459 @@
+"""Tests of ecaseg.engine.dino_pretrain: DINO pieces against loop references, the training run, the packaged
+checkpoint and the affinity AUC."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
+from ecaseg.dino_affinity import (
+    DINO_VARIANTS,
+    DINOAffinity,
+    DINOFeatures,
+    build_vit,
+    packaged_weights,
+    read_checkpoint,
+)
+from ecaseg.engine.dino_pretrain import (
+    DINOHead,
+    DINOPretrainConfig,
+    affinity_auc,
+    cosine_schedule,
+    dino_loss,
+    ema_update,
+    main,
+    mann_whitney_auc,
+    multi_crop,
+    patch_majority,
+    pretrain_dino,
+    random_resized_crops,
+    resume_path,
+    update_center,
+)
+from ecaseg.errors import ConfigError, DatasetError
+
+# Tiny recipe: 32-pixel images, 16-pixel global and 8-pixel local crops, a small head.
+TINY = dict(
+    image_size=32,
+    global_size=16,
+    local_size=8,
+    num_local=2,
+    out_dim=64,
+    hidden_dim=32,
+    bottleneck_dim=16,
+    batch_size=2,
+    iters=3,
+    warmup_iters=1,
+    freeze_last_layer_iters=0,
+    device="cpu",
+)
+
+
+def _write_pngs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        sub = folder / ("nested" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"img{i}.png"
+        h, w = 40 + 4 * i, 36
+        assert cv2.imwrite(str(path), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_on_folder_writes_loadable_teacher(tmp_path: Path) -> None:
+    _write_pngs(tmp_path / "imgs", 4)
+    cfg = DINOPretrainConfig(**TINY)  # type: ignore[arg-type]
+    out = pretrain_dino(tmp_path / "imgs", tmp_path / "out" / "vit.pth", cfg, progress=False)
+    assert out == tmp_path / "out" / "vit.pth" and out.is_file()
+    assert not resume_path(out).exists()
+    # a plain state dict with timm VisionTransformer names, loaded strictly
+    raw = torch.load(out, map_location="cpu", weights_only=True)
+    torch.manual_seed(cfg.seed)
+    initial = build_vit(DINO_VARIANTS["vit_nano_p8"]).state_dict()  # the student's (= teacher's) init
+    assert set(raw) == set(initial)
+    assert all(isinstance(v, Tensor) and v.dtype == torch.float32 for v in raw.values())
+    dino = DINOAffinity("vit_nano_p8", weights=out)
+    loaded = dino.vit.state_dict()
+    assert all(torch.equal(loaded[k], raw[k]) for k in raw)
+    changed = [k for k in raw if not torch.equal(raw[k], initial[k])]
+    assert "blocks.3.attn.qkv.weight" in changed and len(changed) > len(raw) // 2
+    feats = dino(torch.randn(1, 3, 32, 32))
+    assert feats.keys.shape == (1, 16, 96) and torch.isfinite(feats.keys).all()
+
+
+def test_pretrain_is_reproducible_and_reads_only_images(tmp_path: Path) -> None:
+    seen: list[set[str]] = []
+
+    class Items:
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            item = {
+                "image": np.full((20, 28, 3), 60 * i, np.uint8),
+                "label": torch.ones(2),
+                "mask": np.zeros((20, 28), np.uint8),
+            }
+            seen.append(set(item))
+            return item
+
+    cfg = DINOPretrainConfig(**{**TINY, "iters": 2})  # type: ignore[arg-type]
+    a = torch.load(pretrain_dino(Items(), tmp_path / "a.pth", cfg, progress=False), weights_only=True)
+    b = torch.load(pretrain_dino(Items(), tmp_path / "b.pth", cfg, progress=False), weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert seen  # items were read (the pipeline never indexes "label" or "mask": see _SquareImages)
+
+
+def test_pretrain_accepts_normalised_tensor_images(tmp_path: Path) -> None:
+    data = [{"image": torch.randn(3, 24, 24)} for _ in range(2)]
+    cfg = DINOPretrainConfig(**{**TINY, "iters": 1, "image_size": 24})  # type: ignore[arg-type]
+    out = pretrain_dino(data, tmp_path / "t.pth", cfg, progress=False)  # type: ignore[arg-type]
+    DINOAffinity("vit_nano_p8", weights=out)
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    calls = {"n": 0, "fail_after": 10**9}
+
+    class Flaky:
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            calls["n"] += 1
+            if calls["n"] > calls["fail_after"]:
+                raise RuntimeError("simulated crash")
+            return {"image": np.full((32, 32, 3), 100 + 50 * i, np.uint8)}
+
+    cfg = DINOPretrainConfig(**{**TINY, "iters": 4, "checkpoint_interval": 2, "resume": True})  # type: ignore[arg-type]
+    out = tmp_path / "vit.pth"
+    calls["fail_after"] = 5  # two images per batch: batches 1 and 2 succeed, batch 3 fails
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain_dino(Flaky(), out, cfg, progress=False)
+    state = torch.load(resume_path(out), map_location="cpu", weights_only=False)
+    assert state["iteration"] == 2 and out.is_file()
+    calls["n"], calls["fail_after"] = 0, 10**9
+    pretrain_dino(Flaky(), out, cfg, progress=False)
+    assert calls["n"] == 4  # only the two remaining iterations ran
+    assert not resume_path(out).exists()
+    DINOAffinity("vit_nano_p8", weights=out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_errors(tmp_path: Path) -> None:
+    cfg = DINOPretrainConfig(**TINY)  # type: ignore[arg-type]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="no image files"):
+        pretrain_dino(tmp_path / "empty", tmp_path / "o.pth", cfg, progress=False)
+    with pytest.raises(DatasetError, match="not found"):
+        pretrain_dino(tmp_path / "missing", tmp_path / "o.pth", cfg, progress=False)
+    paths = _write_pngs(tmp_path / "imgs", 2)
+    bad = tmp_path / "imgs" / "broken.JPG"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(DatasetError, match=r"broken\.JPG"):
+        pretrain_dino(tmp_path / "imgs", tmp_path / "o.pth", cfg, progress=False)
+    assert paths and not (tmp_path / "o.pth").exists()
+    with pytest.raises(DatasetError, match="no 'image'"):
+        pretrain_dino([{"pixels": 1}, {"pixels": 2}], tmp_path / "o.pth", cfg, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="uint8"):
+        pretrain_dino(
+            [{"image": np.zeros((8, 8, 3), np.float32)}] * 2, tmp_path / "o.pth", cfg, progress=False
+        )  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="empty"):
+        pretrain_dino([], tmp_path / "o.pth", cfg, progress=False)  # type: ignore[arg-type]
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="variant"):
+        DINOPretrainConfig(variant="nope")
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        DINOPretrainConfig(global_size=60)
+    with pytest.raises(ConfigError, match="local_scale"):
+        DINOPretrainConfig(local_scale=(0.5, 0.1))
+    with pytest.raises(ConfigError, match="blur_p"):
+        DINOPretrainConfig(blur_p=(1.0, 2.0, 0.5))
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_pngs(tmp_path / "imgs", 2)
+    out = tmp_path / "cli.pth"
+    argv = ["--images", str(tmp_path / "imgs"), "--out", str(out), "--no-progress", "--iters", "1"]
+    argv += ["--image-size", "32", "--global-size", "16", "--local-size", "8", "--num-local", "1"]
+    argv += ["--out-dim", "32", "--hidden-dim", "16", "--bottleneck-dim", "8", "--batch-size", "2"]
+    argv += ["--device", "cpu", "--global-scale", "0.5,1", "--amp", "false"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    DINOAffinity("vit_nano_p8", weights=out)
+    (tmp_path / "none").mkdir()
+    assert main(["--images", str(tmp_path / "none"), "--out", str(out), "--no-progress"]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert main(["--images", str(tmp_path / "imgs"), "--out", str(out), "--global-size", "60"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--out", str(out)])  # neither --images nor --synthetic
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DINO pieces against loop references
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _loss_reference(
+    s: Tensor, t: Tensor, c: Tensor, tau_s: float, tau_t: float, num_global: int, batch: int
+) -> float:
+    num_views = s.shape[0] // batch
+    total, pairs = 0.0, 0
+    for g in range(num_global):
+        for v in range(num_views):
+            if v == g:
+                continue
+            per_image = 0.0
+            for b in range(batch):
+                tl = [(t[g * batch + b, k].item() - c[k].item()) / tau_t for k in range(t.shape[1])]
+                sl = [s[v * batch + b, k].item() / tau_s for k in range(s.shape[1])]
+                zt = sum(math.exp(x - max(tl)) for x in tl)
+                zs = math.log(sum(math.exp(x - max(sl)) for x in sl)) + max(sl)
+                per_image += -sum(math.exp(tl[k] - max(tl)) / zt * (sl[k] - zs) for k in range(len(tl)))
+            total += per_image / batch
+            pairs += 1
+    return total / pairs
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    num_local=st.integers(0, 3),
+    num_global=st.integers(1, 2),
+    seed=st.integers(0, 10_000),
+)
+def test_dino_loss_matches_loop_reference(batch: int, num_local: int, num_global: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k = 5
+    views = num_global + num_local
+    if views == 1:
+        views = 2  # at least one pair
+    s = torch.randn(views * batch, k, generator=gen) * 2
+    t = torch.randn(num_global * batch, k, generator=gen) * 2
+    c = torch.randn(k, generator=gen) * 0.5
+    got = dino_loss(s, t, c, 0.1, 0.04, num_global_views=num_global)
+    want = _loss_reference(s, t, c, 0.1, 0.04, num_global, batch)
+    assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_dino_loss_gradient_flows_to_student_only() -> None:
+    s = torch.randn(8, 6, requires_grad=True)
+    t = torch.randn(4, 6, requires_grad=True)
+    dino_loss(s, t, torch.zeros(1, 6), 0.1, 0.04).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    with pytest.raises(ValueError):
+        dino_loss(torch.randn(3, 6), torch.randn(4, 6), torch.zeros(6), 0.1, 0.04)
+
+
+def test_update_center_formula() -> None:
+    gen = torch.Generator().manual_seed(1)
+    center = torch.randn(1, 7, generator=gen)
+    out = torch.randn(10, 7, generator=gen)
+    got = update_center(center, out, 0.9)
+    for k in range(7):
+        mean = sum(out[i, k].item() for i in range(10)) / 10
+        assert got[0, k].item() == pytest.approx(0.9 * center[0, k].item() + 0.1 * mean, abs=1e-6)
+    assert got.shape == center.shape
+
+
+def test_ema_update_formula() -> None:
+    torch.manual_seed(0)
+    teacher = DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4)
+    student = DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    source = dict(student.named_parameters())
+    ema_update(teacher, student, 0.7)
+    for name, p in teacher.named_parameters():
+        want = 0.7 * before[name] + 0.3 * source[name].detach()
+        torch.testing.assert_close(p.detach(), want)
+    ema_update(teacher, student, 1.0)  # momentum 1: frozen
+    after = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    ema_update(teacher, student, 1.0)
+    assert all(torch.equal(after[n], p) for n, p in teacher.named_parameters())
+
+
+def test_head_structure() -> None:
+    head = DINOHead(12, 20, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True)
+    x = torch.randn(5, 12)
+    z = F.normalize(head.mlp(x), dim=-1)
+    weight = head.last.weight  # weight-normalised: unit rows since g = 1
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(20))
+    torch.testing.assert_close(head(x), z @ weight.t())
+    assert not head.last.parametrizations.weight.original0.requires_grad
+    assert [type(m) for m in head.mlp] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    free = DINOHead(12, 20, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False)
+    assert free.last.parametrizations.weight.original0.requires_grad
+
+
+def test_cosine_schedule_values() -> None:
+    values = cosine_schedule(2.0, 0.5, 7, warmup_iters=3, warmup_start=0.5)
+    assert values[:3].tolist() == pytest.approx([0.5, 1.0, 1.5])
+    for i in range(4):
+        assert values[3 + i] == pytest.approx(0.5 + 0.75 * (1 + math.cos(math.pi * i / 3)))
+    assert cosine_schedule(0.99, 1.0, 1).tolist() == [0.99]
+
+
+def test_random_resized_crops_full_box_is_exact() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    crops = random_resized_crops(x, 2, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0)
+    pooled = F.avg_pool2d(x, 2)
+    torch.testing.assert_close(crops, torch.cat((pooled, pooled)), atol=1e-5, rtol=0)
+    flipped = random_resized_crops(x, 1, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=1.0)
+    torch.testing.assert_close(flipped, pooled.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_multi_crop_shapes_and_determinism() -> None:
+    cfg = DINOPretrainConfig(global_size=16, local_size=8, num_local=3)
+    x = torch.rand(4, 3, 32, 32)
+    g1, l1 = multi_crop(x, cfg, torch.Generator().manual_seed(3))
+    g2, l2 = multi_crop(x, cfg, torch.Generator().manual_seed(3))
+    assert g1.shape == (8, 3, 16, 16) and l1 is not None and l1.shape == (12, 3, 8, 8)
+    assert torch.equal(g1, g2) and l2 is not None and torch.equal(l1, l2)
+    g3, l3 = multi_crop(x, DINOPretrainConfig(global_size=16, num_local=0), torch.Generator().manual_seed(3))
+    assert l3 is None and g3.shape == (8, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AUC
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _auc_reference(pos: list[float], neg: list[float]) -> float:
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_mann_whitney_hand_computed() -> None:
+    # pairs: 0.9 beats both, 0.5 ties 0.5 (half) and beats 0.1 -> 3.5 / 4
+    assert mann_whitney_auc(torch.tensor([0.9, 0.5]), torch.tensor([0.5, 0.1])).item() == 0.875
+    assert mann_whitney_auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])).item() == 0.5  # all tied
+    assert mann_whitney_auc(torch.tensor([0.0]), torch.tensor([1.0, 2.0])).item() == 0.0
+    with pytest.raises(ValueError):
+        mann_whitney_auc(torch.tensor([]), torch.tensor([1.0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pos=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    neg=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+)
+def test_mann_whitney_matches_pair_counting(pos: list[int], neg: list[int]) -> None:
+    got = mann_whitney_auc(torch.tensor(pos, dtype=torch.float32), torch.tensor(neg, dtype=torch.float32))
+    assert got.item() == pytest.approx(_auc_reference([float(p) for p in pos], [float(n) for n in neg]))
+
+
+def test_patch_majority_matches_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (12, 8), generator=gen)
+    labels[:4, :4] = 255  # one fully ignored patch
+    got = patch_majority(labels, 4)
+    want = []
+    for py in range(3):
+        for px in range(2):
+            cell = labels[4 * py : 4 * py + 4, 4 * px : 4 * px + 4].flatten().tolist()
+            counts = {v: cell.count(v) for v in set(cell) if v != 255}
+            want.append(min(v for v in counts if counts[v] == max(counts.values())) if counts else -1)
+    assert got.tolist() == want and want[0] == -1
+
+
+class _FakeDINO:
+    """Stands for DINOAffinity in affinity_auc: fixed keys on a 2 x 2 patch grid."""
+
+    def __init__(self, keys: Tensor) -> None:
+        self.patch_size = 8
+        self.vit = nn.Module()
+        self.vit.patch_embed = nn.Module()
+        self.vit.patch_embed.proj = nn.Linear(1, 1)
+        self.keys = keys
+
+    def __call__(self, images: Tensor) -> DINOFeatures:
+        assert images.shape == (1, 3, 16, 16)
+        return DINOFeatures(
+            keys=self.keys[None], cls_query=torch.zeros(1, 2), tokens=self.keys[None], grid=(2, 2)
+        )
+
+
+def test_affinity_auc_hand_computed_case() -> None:
+    # patches 0 and 1: class 1; patch 2: class 2; patch 3: background (row-major 2 x 2 grid of 8 px cells)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:8, :] = 1
+    mask[8:, :8] = 2
+    item = {"image": np.zeros((16, 16, 3), np.uint8), "mask": mask}
+    angle = [0.0, 0.5, 0.25, 1.2]  # unit keys at these angles: cosine = cos(difference)
+    keys = torch.tensor([[math.cos(a), math.sin(a)] for a in angle])
+    res = affinity_auc(_FakeDINO(keys), [item], num_images=1)  # type: ignore[arg-type]
+    pos = [math.cos(0.5)]  # (0, 1): same class (no instance maps)
+    neg_fg = [math.cos(0.25), math.cos(0.25)]  # (0, 2), (1, 2)
+    neg_bg = [math.cos(1.2), math.cos(0.7), math.cos(0.95)]  # (0, 3), (1, 3), (2, 3)
+    assert res["positives"] == "same class"
+    assert res["num_positive"] == 1 and res["num_negative"] == 5 and res["num_negative_fg"] == 2
+    assert res["auc"] == pytest.approx(_auc_reference(pos, neg_fg + neg_bg))  # 3 / 5
+    assert res["auc_fg"] == pytest.approx(0.0) and res["auc_bg"] == pytest.approx(1.0)
+    assert res["mean_positive"] == pytest.approx(pos[0], abs=1e-6)
+    # an ignored patch takes part in no pair
+    mask[8:, 8:] = 255
+    res = affinity_auc(_FakeDINO(keys), [{"image": item["image"], "mask": mask}], num_images=1)  # type: ignore[arg-type]
+    assert res["num_negative"] == 2 and math.isnan(res["auc_bg"])
+
+
+def test_affinity_auc_uses_synthetic_instances() -> None:
+    ds = SyntheticWSSSDataset("val", SyntheticConfig(image_size=64, num_val=2, min_objects=2))
+    dino = DINOAffinity("vit_nano_p8", allow_random_init=True)
+    res = affinity_auc(dino, ds, num_images=2, max_pairs_per_image=30)
+    assert res["positives"] == "same object" and res["num_images"] == 2
+    assert 0 < res["num_positive"] <= 60 and 0 < res["num_negative"] <= 60
+    with pytest.raises(DatasetError, match="mask"):
+        affinity_auc(dino, [{"image": np.zeros((16, 16, 3), np.uint8)}], num_images=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The packaged checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_packaged_checkpoint_exists_and_loads() -> None:
+    path = packaged_weights("vit_nano_p8_synthetic")
+    assert path.is_file() and path.stat().st_size <= 20 * 1024 * 1024
+    state = read_checkpoint(path)
+    assert set(state) == set(build_vit(DINO_VARIANTS["vit_nano_p8"]).state_dict())
+    by_name = DINOAffinity("vit_nano_p8_synthetic")  # default weights: the packaged file
+    explicit = DINOAffinity("vit_nano_p8", weights=path)
+    for k, v in explicit.vit.state_dict().items():
+        assert torch.equal(by_name.vit.state_dict()[k], v) and torch.equal(state[k], v)
+
+
+def test_packaged_checkpoint_beats_random_weights() -> None:
+    ds = SyntheticWSSSDataset("val", SyntheticConfig())
+    pretrained = DINOAffinity("vit_nano_p8_synthetic")
+    torch.manual_seed(0)
+    random = DINOAffinity("vit_nano_p8", allow_random_init=True)
+    kw: dict[str, Any] = dict(num_images=6, max_pairs_per_image=400)
+    ours = affinity_auc(pretrained, ds, generator=torch.Generator().manual_seed(0), **kw)
+    base = affinity_auc(random, ds, generator=torch.Generator().manual_seed(0), **kw)
+    assert ours["auc"] > base["auc"] + 0.02, (ours, base)
