@@ -42,7 +42,7 @@ from ecaseg.engine.dino_pretrain import (
     resume_path,
     update_center,
 )
-from ecaseg.errors import ConfigError, DatasetError
+from ecaseg.errors import CheckpointError, ConfigError, DatasetError
 
 # Tiny recipe: 32-pixel images, 16-pixel global and 8-pixel local crops, a small head.
 TINY = dict(
@@ -100,27 +100,31 @@ def test_pretrain_on_folder_writes_loadable_teacher(tmp_path: Path) -> None:
     assert feats.keys.shape == (1, 16, 96) and torch.isfinite(feats.keys).all()
 
 
-def test_pretrain_is_reproducible_and_reads_only_images(tmp_path: Path) -> None:
-    seen: list[set[str]] = []
+class _ImageOnly(dict):  # type: ignore[type-arg]
+    """A dataset item that fails the test if anything but its image is read."""
 
+    def __getitem__(self, key: str) -> Any:
+        assert key == "image", f"pretraining read {key!r}"
+        return super().__getitem__(key)
+
+
+def test_pretrain_is_reproducible_and_reads_only_images(tmp_path: Path) -> None:
     class Items:
         def __len__(self) -> int:
             return 3
 
         def __getitem__(self, i: int) -> dict[str, Any]:
-            item = {
-                "image": np.full((20, 28, 3), 60 * i, np.uint8),
-                "label": torch.ones(2),
-                "mask": np.zeros((20, 28), np.uint8),
-            }
-            seen.append(set(item))
-            return item
+            return _ImageOnly(
+                image=np.full((20, 28, 3), 60 * i, np.uint8), label=torch.ones(2), mask=np.zeros((20, 28))
+            )
 
     cfg = DINOPretrainConfig(**{**TINY, "iters": 2})  # type: ignore[arg-type]
     a = torch.load(pretrain_dino(Items(), tmp_path / "a.pth", cfg, progress=False), weights_only=True)
     b = torch.load(pretrain_dino(Items(), tmp_path / "b.pth", cfg, progress=False), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert seen  # items were read (the pipeline never indexes "label" or "mask": see _SquareImages)
+    other = DINOPretrainConfig(**{**TINY, "iters": 2, "seed": 1})  # type: ignore[arg-type]
+    c = torch.load(pretrain_dino(Items(), tmp_path / "c.pth", other, progress=False), weights_only=True)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
 def test_pretrain_accepts_normalised_tensor_images(tmp_path: Path) -> None:
@@ -155,6 +159,9 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     assert calls["n"] == 4  # only the two remaining iterations ran
     assert not resume_path(out).exists()
     DINOAffinity("vit_nano_p8", weights=out)
+    resume_path(out).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        pretrain_dino(Flaky(), out, cfg, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

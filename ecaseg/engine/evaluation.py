@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
 from ecaseg.crf import CRFParams, dense_crf
-from ecaseg.data import denormalize
 from ecaseg.engine.inference import autocast_context, predict_labels, predict_probs
 from ecaseg.engine.pseudo import PseudoLabelPipeline
+from ecaseg.engine.visualize import to_rgb_uint8
 from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
 from ecaseg.models import ECANet
 from ecaseg.utils.dist import get_rank, get_world_size, is_main_process
@@ -40,11 +40,6 @@ def eval_loader(
     return DataLoader(
         Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=_collate_one
     )
-
-
-def _rgb_uint8(images: torch.Tensor) -> np.ndarray:
-    rgb = denormalize(images).clamp(0, 1).mul(255).round().byte()
-    return rgb.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -88,7 +83,7 @@ def evaluate_segmentation(
                 metric.update(predict_labels(net, images, scales=scales, flip=flip, amp=amp), target)
                 continue
             probs = predict_probs(net, images, scales=scales, flip=flip, amp=amp)[0].cpu().numpy()
-            rgb = _rgb_uint8(images)[0]
+            rgb = to_rgb_uint8(images)[0]
             if pool is None:
                 metric.update(torch.from_numpy(dense_crf(rgb, probs, crf))[None].to(device), target)
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -11,11 +10,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from ecaseg.crf import CRFParams, crf_batch
-from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, voc_palette
+from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, voc_palette, write_mask
 from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
 
@@ -108,10 +106,9 @@ def predict_labels(
     return crf_batch(rgb, probs.cpu(), params=crf, num_workers=crf_workers).to(images.device)
 
 
-def colorize(label: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
-    """``[H, W]`` label map -> ``[H, W, 3]`` uint8 RGB with the VOC palette."""
-    pal = voc_palette() if palette is None else palette
-    return pal[label.astype(np.int64) % len(pal)]
+def colorize(label: np.ndarray) -> np.ndarray:
+    """``[H, W]`` label map -> ``[H, W, 3]`` uint8 RGB with the VOC palette (values above 255 wrap)."""
+    return colorize_mask(np.asarray(label).astype(np.int64) % 256)
 
 
 def overlay(image: np.ndarray, label: np.ndarray, opacity: float = 0.5) -> np.ndarray:
@@ -127,12 +124,7 @@ def write_png(path: str | Path, array: np.ndarray, palette: bool = False) -> Non
     """Write a PNG atomically: an RGB image, or a label map (``palette=True``: an indexed PNG whose pixel
     values are the class ids, shown with the VOC colours, as VOC's own ``SegmentationClass`` files)."""
     if palette:
-        buffer_io = io.BytesIO()
-        label = np.ascontiguousarray(array.astype(np.uint8))
-        image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
-        image.putpalette(voc_palette().reshape(-1).tolist())
-        image.save(buffer_io, format="PNG")
-        atomic_write_bytes(path, buffer_io.getvalue())
+        write_mask(path, array, palette=voc_palette())
         return
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
