@@ -27,6 +27,15 @@ from ecaseg.dino_affinity import DINOAffinity, packaged_weights
 from ecaseg.engine.dino_pretrain import affinity_auc
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (stable across checkouts)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=None, help="default: the packaged checkpoint")
@@ -65,7 +74,7 @@ def main() -> None:
         cells = " | ".join(f"{res[k]:.4f}" for k in keys)
         print(f"| {name} | {cells} | {res['num_positive']} | {res['num_negative']} |")
     settings = {
-        "weights": str(weights),
+        "weights": _shown(weights),
         "variant": args.variant,
         "split": "val",
         "synthetic_config": "SyntheticConfig() defaults",

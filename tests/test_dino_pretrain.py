@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
 from ecaseg.dino_affinity import (
@@ -44,8 +46,18 @@ from ecaseg.engine.dino_pretrain import (
 )
 from ecaseg.errors import CheckpointError, ConfigError, DatasetError
 
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is as fast, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Tiny recipe: 32-pixel images, 16-pixel global and 8-pixel local crops, a small head.
-TINY = dict(
+TINY: dict[str, Any] = dict(
     image_size=32,
     global_size=16,
     local_size=8,
@@ -81,7 +93,7 @@ def _write_pngs(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 def test_pretrain_on_folder_writes_loadable_teacher(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "imgs", 4)
-    cfg = DINOPretrainConfig(**TINY)  # type: ignore[arg-type]
+    cfg = DINOPretrainConfig(**TINY)
     out = pretrain_dino(tmp_path / "imgs", tmp_path / "out" / "vit.pth", cfg, progress=False)
     assert out == tmp_path / "out" / "vit.pth" and out.is_file()
     assert not resume_path(out).exists()
@@ -109,7 +121,7 @@ class _ImageOnly(dict):  # type: ignore[type-arg]
 
 
 def test_pretrain_is_reproducible_and_reads_only_images(tmp_path: Path) -> None:
-    class Items:
+    class Items(Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
             return 3
 
@@ -118,26 +130,38 @@ def test_pretrain_is_reproducible_and_reads_only_images(tmp_path: Path) -> None:
                 image=np.full((20, 28, 3), 60 * i, np.uint8), label=torch.ones(2), mask=np.zeros((20, 28))
             )
 
-    cfg = DINOPretrainConfig(**{**TINY, "iters": 2})  # type: ignore[arg-type]
+    cfg = DINOPretrainConfig(**{**TINY, "iters": 2})
     a = torch.load(pretrain_dino(Items(), tmp_path / "a.pth", cfg, progress=False), weights_only=True)
     b = torch.load(pretrain_dino(Items(), tmp_path / "b.pth", cfg, progress=False), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = DINOPretrainConfig(**{**TINY, "iters": 2, "seed": 1})  # type: ignore[arg-type]
+    other = DINOPretrainConfig(**{**TINY, "iters": 2, "seed": 1})
     c = torch.load(pretrain_dino(Items(), tmp_path / "c.pth", other, progress=False), weights_only=True)
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
+def test_output_is_the_teacher(tmp_path: Path) -> None:
+    """With teacher momentum 1 the teacher never moves: the file holds the initial weights."""
+    _write_pngs(tmp_path / "imgs", 2)
+    cfg = DINOPretrainConfig(**{**TINY, "teacher_momentum": 1.0, "final_teacher_momentum": 1.0})
+    saved = torch.load(
+        pretrain_dino(tmp_path / "imgs", tmp_path / "t.pth", cfg, progress=False), weights_only=True
+    )
+    torch.manual_seed(cfg.seed)
+    initial = build_vit(DINO_VARIANTS["vit_nano_p8"]).state_dict()
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
 def test_pretrain_accepts_normalised_tensor_images(tmp_path: Path) -> None:
     data = [{"image": torch.randn(3, 24, 24)} for _ in range(2)]
-    cfg = DINOPretrainConfig(**{**TINY, "iters": 1, "image_size": 24})  # type: ignore[arg-type]
-    out = pretrain_dino(data, tmp_path / "t.pth", cfg, progress=False)  # type: ignore[arg-type]
+    cfg = DINOPretrainConfig(**{**TINY, "iters": 1, "image_size": 24})
+    out = pretrain_dino(data, tmp_path / "t.pth", cfg, progress=False)
     DINOAffinity("vit_nano_p8", weights=out)
 
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     calls = {"n": 0, "fail_after": 10**9}
 
-    class Flaky:
+    class Flaky(Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
             return 2
 
@@ -147,13 +171,22 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
                 raise RuntimeError("simulated crash")
             return {"image": np.full((32, 32, 3), 100 + 50 * i, np.uint8)}
 
-    cfg = DINOPretrainConfig(**{**TINY, "iters": 4, "checkpoint_interval": 2, "resume": True})  # type: ignore[arg-type]
+    cfg = DINOPretrainConfig(
+        **{**TINY, "iters": 4, "checkpoint_interval": 2, "resume": True, "freeze_last_layer_iters": 2}
+    )
     out = tmp_path / "vit.pth"
     calls["fail_after"] = 5  # two images per batch: batches 1 and 2 succeed, batch 3 fails
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain_dino(Flaky(), out, cfg, progress=False)
     state = torch.load(resume_path(out), map_location="cpu", weights_only=False)
     assert state["iteration"] == 2 and out.is_file()
+    # the head's last layer was frozen for the first 2 iterations: the student's still equals the teacher's
+    last = "head.last.parametrizations.weight.original1"
+    torch.testing.assert_close(
+        state["student"][last], state["teacher"][last], atol=1e-6, rtol=0
+    )  # EMA rounding
+    moved = state["student"]["head.mlp.0.weight"] - state["teacher"]["head.mlp.0.weight"]
+    assert moved.abs().max() > 1e-4  # the rest of the head was trained (a step of lr 1e-3, EMA 0.99)
     calls["n"], calls["fail_after"] = 0, 10**9
     pretrain_dino(Flaky(), out, cfg, progress=False)
     assert calls["n"] == 4  # only the two remaining iterations ran
@@ -170,7 +203,7 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
 
 
 def test_dataset_errors(tmp_path: Path) -> None:
-    cfg = DINOPretrainConfig(**TINY)  # type: ignore[arg-type]
+    cfg = DINOPretrainConfig(**TINY)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(DatasetError, match="no image files"):
@@ -184,13 +217,13 @@ def test_dataset_errors(tmp_path: Path) -> None:
         pretrain_dino(tmp_path / "imgs", tmp_path / "o.pth", cfg, progress=False)
     assert paths and not (tmp_path / "o.pth").exists()
     with pytest.raises(DatasetError, match="no 'image'"):
-        pretrain_dino([{"pixels": 1}, {"pixels": 2}], tmp_path / "o.pth", cfg, progress=False)  # type: ignore[arg-type]
+        pretrain_dino([{"pixels": 1}, {"pixels": 2}], tmp_path / "o.pth", cfg, progress=False)
     with pytest.raises(DatasetError, match="uint8"):
         pretrain_dino(
             [{"image": np.zeros((8, 8, 3), np.float32)}] * 2, tmp_path / "o.pth", cfg, progress=False
-        )  # type: ignore[arg-type]
+        )
     with pytest.raises(DatasetError, match="empty"):
-        pretrain_dino([], tmp_path / "o.pth", cfg, progress=False)  # type: ignore[arg-type]
+        pretrain_dino([], tmp_path / "o.pth", cfg, progress=False)
 
 
 def test_config_errors() -> None:
@@ -429,6 +462,25 @@ def test_affinity_auc_hand_computed_case() -> None:
     assert res["num_negative"] == 2 and math.isnan(res["auc_bg"])
 
 
+def test_affinity_auc_with_instance_maps() -> None:
+    # patches 0, 1: object 1; patch 2: object 2 of the same class; patch 3: background
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:8, :] = 1
+    mask[8:, :8] = 1
+    inst = np.zeros((16, 16), np.uint8)
+    inst[:8, :] = 1
+    inst[8:, :8] = 2
+    angle = [0.0, 0.3, 0.1, 0.2]
+    keys = torch.tensor([[math.cos(a), math.sin(a)] for a in angle])
+    item = {"image": np.zeros((16, 16, 3), np.uint8), "mask": mask, "instances": inst}
+    res = affinity_auc(_FakeDINO(keys), [item], num_images=1)  # type: ignore[arg-type]
+    # positive (0, 1); (0, 2) and (1, 2) are the same class but other objects: neither; negatives with patch 3
+    pos, neg = [math.cos(0.3)], [math.cos(0.2), math.cos(0.1), math.cos(0.1)]
+    assert res["positives"] == "same object"
+    assert (res["num_positive"], res["num_negative"], res["num_negative_fg"]) == (1, 3, 0)
+    assert res["auc"] == pytest.approx(_auc_reference(pos, neg)) and math.isnan(res["auc_fg"])
+
+
 def test_affinity_auc_uses_synthetic_instances() -> None:
     ds = SyntheticWSSSDataset("val", SyntheticConfig(image_size=64, num_val=2, min_objects=2))
     dino = DINOAffinity("vit_nano_p8", allow_random_init=True)
@@ -460,7 +512,7 @@ def test_packaged_checkpoint_beats_random_weights() -> None:
     pretrained = DINOAffinity("vit_nano_p8_synthetic")
     torch.manual_seed(0)
     random = DINOAffinity("vit_nano_p8", allow_random_init=True)
-    kw: dict[str, Any] = dict(num_images=6, max_pairs_per_image=400)
+    kw: dict[str, Any] = dict(num_images=16, max_pairs_per_image=500)
     ours = affinity_auc(pretrained, ds, generator=torch.Generator().manual_seed(0), **kw)
     base = affinity_auc(random, ds, generator=torch.Generator().manual_seed(0), **kw)
-    assert ours["auc"] > base["auc"] + 0.02, (ours, base)
+    assert ours["auc"] > base["auc"] + 0.03, (ours, base)  # measured: 0.986 vs 0.938

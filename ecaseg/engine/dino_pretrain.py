@@ -28,7 +28,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,19 +301,19 @@ def _unit_image(image: Any, index: int) -> Tensor:
 class _SquareImages(Dataset):
     """Wraps a dataset: item ``i`` -> float32 ``[3, S, S]`` in [0, 1], a random square cut resized to S."""
 
-    def __init__(self, source: Dataset, size: int, cache: bool = False) -> None:
+    def __init__(self, source: Any, size: int, cache: bool = False) -> None:
         self.source = source
         self.size = size
         self.cache: dict[int, Any] | None = {} if cache else None
 
     def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
+        return len(self.source)
 
     def _image(self, index: int) -> Any:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         item = self.source[index]
-        if not isinstance(item, dict) or "image" not in item:
+        if not isinstance(item, Mapping) or "image" not in item:
             raise DatasetError(f"item {index} of {type(self.source).__name__} has no 'image' entry")
         if self.cache is not None:
             self.cache[index] = item["image"]
@@ -342,7 +342,7 @@ class _SquareImages(Dataset):
         return x.clamp(0.0, 1.0)
 
 
-def _as_dataset(images: str | Path | Dataset) -> Dataset:
+def _as_dataset(images: str | Path | Dataset | Sequence[dict[str, Any]]) -> Any:
     if isinstance(images, (str, Path)):
         return ImageFolder(images)
     if not hasattr(images, "__getitem__") or not hasattr(images, "__len__"):
@@ -763,7 +763,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         raise ValueError("teacher and student have different numbers of parameters")
     t_data = [p.data for p in t_params]
     torch._foreach_mul_(t_data, momentum)
-    torch._foreach_add_(t_data, [p.data.to(p.dtype) for p in s_params], alpha=1.0 - momentum)
+    torch._foreach_add_(t_data, [p.data for p in s_params], alpha=1.0 - momentum)
 
 
 def cosine_schedule(
@@ -858,7 +858,10 @@ def resume_path(out: str | Path) -> Path:
 
 
 def pretrain_dino(
-    images: str | Path | Dataset, out: str | Path, config: DINOPretrainConfig, progress: bool = True
+    images: str | Path | Dataset | Sequence[dict[str, Any]],
+    out: str | Path,
+    config: DINOPretrainConfig,
+    progress: bool = True,
 ) -> Path:
     """Train a ViT with DINO self-distillation on unlabelled images; write the teacher backbone to ``out``.
 
@@ -1102,8 +1105,11 @@ def _item_arrays(item: dict[str, Any], index: int) -> tuple[Tensor, Tensor]:
     return normalize(image), mask_t.long()
 
 
-def _instances(dataset: Any, index: int) -> Tensor | None:
-    """The synthetic generator's instance map of item ``index`` (None for other datasets)."""
+def _instances(dataset: Any, item: dict[str, Any], index: int) -> Tensor | None:
+    """The item's instance map: its ``"instances"`` entry, else the synthetic generator's, else None."""
+    if "instances" in item:
+        inst = item["instances"]
+        return torch.from_numpy(np.asarray(inst)).long() if isinstance(inst, np.ndarray) else inst.long()
     if isinstance(dataset, SyntheticWSSSDataset) and isinstance(dataset.config, SyntheticConfig):
         return torch.from_numpy(render_sample(dataset.config, dataset.split, index).instances).long()
     return None
@@ -1125,9 +1131,11 @@ def affinity_auc(
     gets the majority class of its pixels in the ground-truth mask (and the majority object of the instance
     map, see below); over the unordered pairs ``i < j``:
 
-    * **positives**: both patches in the same object -- same non-zero majority instance of the synthetic
-      generator's instance maps (:func:`ecaseg.data.synthetic.render_sample`) when the dataset is
-      :class:`~ecaseg.data.synthetic.SyntheticWSSSDataset`, otherwise the same foreground class;
+    * **positives**: both patches in the same object -- same non-zero majority instance of an instance map
+      (the item's ``"instances"`` entry if it has one, else, for
+      :class:`~ecaseg.data.synthetic.SyntheticWSSSDataset`, the generator's map from
+      :func:`ecaseg.data.synthetic.render_sample`), otherwise the same foreground class; two objects of the
+      same class form neither positives nor negatives;
     * **negatives**: the patches' majority classes differ -- both foreground (``auc_fg``) or one background
       (``auc_bg``); ``auc`` uses both kinds together.
 
@@ -1136,8 +1144,9 @@ def affinity_auc(
 
     Args:
         dino: The frozen ViT (its device is used).
-        dataset: Items with ``"image"`` (uint8 ``[H, W, 3]`` or a normalised ``[3, H, W]`` tensor) and
-            ``"mask"`` (``[H, W]``, ``ignore_index`` for unlabelled pixels).
+        dataset: Items with ``"image"`` (uint8 ``[H, W, 3]`` or a normalised ``[3, H, W]`` tensor),
+            ``"mask"`` (``[H, W]``, ``ignore_index`` for unlabelled pixels) and optionally ``"instances"``
+            (``[H, W]`` integer object ids, 0 = no object).
         num_images: How many items, from the first.
         max_pairs_per_image: Cap on positives and on negatives per image.
         generator: CPU generator of the pair sampling (``None``: seeded with 0).
@@ -1167,8 +1176,13 @@ def affinity_auc(
         raise DatasetError("affinity_auc needs at least one image")
     kind = "same class"
     for index in range(count):
-        image, mask = _item_arrays(dataset[index], index)
-        inst = _instances(dataset, index)
+        item = dataset[index]
+        image, mask = _item_arrays(item, index)
+        inst = _instances(dataset, item, index)
+        if inst is not None and inst.shape != mask.shape:
+            raise DatasetError(
+                f"item {index}: instances {tuple(inst.shape)} and mask {tuple(mask.shape)} differ"
+            )
         feats = dino(image[None].to(device))
         h, w = feats.grid
         size = (h * patch, w * patch)
@@ -1293,7 +1307,7 @@ def run_from_args(args: argparse.Namespace) -> Path:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = _config_from_args(args)
-    images: str | Path | Dataset
+    images: str | Path | Dataset | Sequence[dict[str, Any]]
     if args.synthetic:
         syn = SyntheticConfig(
             seed=args.synthetic_seed, image_size=args.synthetic_image_size, num_train=args.synthetic_num_train
