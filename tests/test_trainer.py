@@ -74,8 +74,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     assert straight.carm_generator is not None and resumed.carm_generator is not None
     for key, value in straight.carm_generator.state_dict().items():
         assert torch.equal(value, resumed.carm_generator.state_dict()[key]), key
-    # and a run that is not resumed (fresh start) differs from the resumed one after 4 iterations
-    assert straight.optimizer.state_dict()["state"].keys() == resumed.optimizer.state_dict()["state"].keys()
+    # the optimiser's moments and the schedule continue exactly too
+    a_state, b_state = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert a_state.keys() == b_state.keys()
+    for index in a_state:
+        assert torch.equal(a_state[index]["exp_avg"], b_state[index]["exp_avg"]), index
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
