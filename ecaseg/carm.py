@@ -127,7 +127,7 @@ def foreground_cue(cls_query: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor
 def region_maps(
     seeds: Tensor,
     graph: Tensor,
-    fg_cue: Tensor,
+    fg_cue: Tensor | None,
     gamma: float,
     clamp_fg_cue: bool = True,
     eps: float = 1e-5,
@@ -139,6 +139,9 @@ def region_maps(
     class's seeds. Computed for all classes at once as ``seeds @ (graph > gamma)``. Each map is then
     min-max normalised to ``[0, 1]``; a class without seeds (or a constant map) is all zero.
 
+    ``fg_cue=None`` drops ``I_fg`` from Eq. (7) (every patch counts as foreground): for affinity ViTs whose
+    class token does not single out the objects (see ``CARMGenerator(use_fg_cue=False)``).
+
     The cosine cue ``I_fg`` can be negative. With ``clamp_fg_cue=True`` (default) it is clamped at 0, so a
     patch the class token finds dissimilar gets a zero foreground score instead of a negative one that the
     min-max would map above the score of unconnected patches; with ``False`` the raw cue is used.
@@ -146,7 +149,7 @@ def region_maps(
     Args:
         seeds: ``[B, K, N]`` bool seeds (background first), e.g. from :func:`select_seeds`.
         graph: ``[B, N, N]`` affinity graph (:func:`affinity_graph`).
-        fg_cue: ``[B, N]`` foreground cue (:func:`foreground_cue`).
+        fg_cue: ``[B, N]`` foreground cue (:func:`foreground_cue`), or None for no cue.
         gamma: Graph threshold (paper: 0.15 for DINO ViT-S/8).
         clamp_fg_cue: Clamp the foreground cue at 0.
         eps: Passed to :func:`ecaseg.cam.minmax_normalize`.
@@ -167,14 +170,17 @@ def region_maps(
     batch, num_classes, n = seeds.shape
     if graph.shape != (batch, n, n):
         raise ValueError(f"graph must be [B, N, N] = [{batch}, {n}, {n}], got {tuple(graph.shape)}")
-    if fg_cue.shape != (batch, n):
+    if fg_cue is not None and fg_cue.shape != (batch, n):
         raise ValueError(f"fg_cue must be [B, N] = [{batch}, {n}], got {tuple(fg_cue.shape)}")
     with _no_autocast(graph.device):
         adjacency = (graph > gamma).float()
         degree = seeds.float() @ adjacency  # [B, K, N]: sum of A(i) over each class's seeds
-        cue = fg_cue.float().clamp_min(0.0) if clamp_fg_cue else fg_cue.float()
-        is_fg = (torch.arange(num_classes, device=seeds.device) > 0).view(1, -1, 1)
-        maps = torch.where(is_fg, degree * cue.unsqueeze(1), degree)
+        if fg_cue is None:
+            maps = degree
+        else:
+            cue = fg_cue.float().clamp_min(0.0) if clamp_fg_cue else fg_cue.float()
+            is_fg = (torch.arange(num_classes, device=seeds.device) > 0).view(1, -1, 1)
+            maps = torch.where(is_fg, degree * cue.unsqueeze(1), degree)
         return minmax_normalize(maps, eps)
 
 
@@ -228,6 +234,9 @@ class CARMGenerator(nn.Module):
         momentum: Prototype momentum ``tau`` of Eq. (8) (the paper gives none; 0.9).
         calibrate: Apply Eq. (9)-(10); ``False`` is the "w/o calibration" ablation (``carm == carm_raw``).
         clamp_fg_cue: Clamp the foreground cue at 0 (see :func:`region_maps`).
+        use_fg_cue: Multiply the foreground CARMs by the cue of Eq. (5) (paper). ``False`` drops it; meant
+            for small in-domain ViTs whose class token does not attend to the objects (the packaged
+            synthetic ViT: docs, "Synthetic benchmark"); ``cls_query`` is then ignored.
 
     Example:
         >>> gen = CARMGenerator(num_classes=3, feature_dim=4)
@@ -246,6 +255,7 @@ class CARMGenerator(nn.Module):
         momentum: float = 0.9,
         calibrate: bool = True,
         clamp_fg_cue: bool = True,
+        use_fg_cue: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < k <= 1.0:
@@ -256,6 +266,7 @@ class CARMGenerator(nn.Module):
         self.gamma = gamma
         self.calibrate = calibrate
         self.clamp_fg_cue = clamp_fg_cue
+        self.use_fg_cue = use_fg_cue
         self.prototypes = MomentumPrototypes(num_classes, feature_dim, momentum)
 
     @torch.no_grad()
@@ -302,7 +313,7 @@ class CARMGenerator(nn.Module):
             scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
             seeds = select_seeds(scores, labels, self.k)
             graph = affinity_graph(keys)
-            cue = foreground_cue(cls_query, keys)
+            cue = foreground_cue(cls_query, keys) if self.use_fg_cue else None
             carm_d = region_maps(seeds, graph, cue, self.gamma, self.clamp_fg_cue)
             carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
             if not (self.calibrate or update_prototypes):
@@ -317,4 +328,7 @@ class CARMGenerator(nn.Module):
         return CARMOutput(carm=carm, carm_raw=carm_raw, seeds=seeds)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, k={self.k}, gamma={self.gamma}, calibrate={self.calibrate}"
+        return (
+            f"num_classes={self.num_classes}, k={self.k}, gamma={self.gamma}, calibrate={self.calibrate}, "
+            f"use_fg_cue={self.use_fg_cue}"
+        )

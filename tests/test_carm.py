@@ -150,6 +150,20 @@ def test_region_maps_eq6_7_match_loop(seed: int, gamma: float, clamp: bool) -> N
     assert torch.all(maps[no_seed] == 0)
 
 
+def test_region_maps_without_fg_cue_is_the_seed_degree() -> None:
+    gen = torch.Generator().manual_seed(21)
+    b, c, n = 2, 4, 16
+    cams = _cams_with_bg(gen, b, c, n)
+    seeds = select_seeds(cams, _labels(gen, b, c), 0.3)
+    graph = affinity_graph(torch.randn(b, n, 8, generator=gen))
+    maps = region_maps(seeds, graph, None, 0.2)
+    # the loop reference with a cue of ones is Eq. (7) without I_fg
+    torch.testing.assert_close(maps, _ref_region_maps(seeds, graph, torch.ones(b, n), 0.2, True))
+    # and it differs from a run with a real cue on some foreground map
+    cue = foreground_cue(torch.randn(b, 8, generator=gen), torch.randn(b, n, 8, generator=gen))
+    assert not torch.allclose(maps[:, 1:], region_maps(seeds, graph, cue, 0.2)[:, 1:])
+
+
 def test_region_maps_bf16_autocast_counts_exact() -> None:
     gen = torch.Generator().manual_seed(8)
     n = 300  # degrees above 256 are not representable exactly in bfloat16
@@ -232,6 +246,19 @@ def test_carm_generator_switches() -> None:
     state = module.prototypes.prototypes.clone()
     module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
     assert torch.equal(module.prototypes.prototypes, state)
+
+
+def test_carm_generator_without_fg_cue_ignores_the_class_token() -> None:
+    gen = torch.Generator().manual_seed(13)
+    cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (8, 8), (4, 4))
+    module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, use_fg_cue=False)
+    out = module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
+    other = module(cams, labels, keys, torch.randn_like(query), (8, 8), feats, update_prototypes=False)
+    torch.testing.assert_close(out.carm_raw, other.carm_raw)
+    with_cue = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False)
+    ref = with_cue(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
+    assert not torch.allclose(out.carm_raw[:, 1:], ref.carm_raw[:, 1:])
+    assert "use_fg_cue=False" in repr(module)
 
 
 def test_carm_generator_bad_shapes() -> None:

@@ -6,7 +6,9 @@ ground-truth mask. The generator is built to be hard in the ways that matter to 
 * **Shared colours.** Every class draws its object colour from the same palette, so colour alone does not tell
   classes apart; class identity is carried by the shape and texture of a small *head* part.
 * **Parts.** An object is a large plain *body* (an ellipse whose look does not depend on the class) plus a
-  small class-specific head. A classifier only needs the head, so its CAM under-activates on the body.
+  smaller class-specific head. A classifier only needs the head, so its CAM under-activates on the body. As
+  on a real object, head and body share the object's colour, and the objects of one image differ in colour,
+  so an affinity between patches can tell which body belongs to which head.
 * **Co-occurring distractors.** Each class has a *context* texture (think of water under boats) that is
   usually drawn around objects of that class and is labelled background in the mask, so CAMs over-activate
   on it. Context patches of absent classes appear now and then, so the context is a strong but imperfect cue.
@@ -126,8 +128,13 @@ class SyntheticConfig:
         shared_colours: if True (the hard default) every class draws its object colour from the whole
             :data:`OBJECT_PALETTE`; if False class ``k`` always uses colour ``k - 1`` (an easy variant for
             ablations: colour then identifies the class).
+        distinct_colours: if True, the objects of one image get different palette colours (as different
+            objects of a photo usually look different); if False colours may repeat within an image.
         head_scale: radius of the class-specific head relative to the object radius (0.1..0.45). The body
             takes most of the rest of the object, so a small value makes the discriminative part small.
+        head_shade: brightness of the head's class pattern relative to the object colour (0 = black
+            marks); the rest of the head has the object colour, like the body.
+        object_scale: size of the objects relative to generator version 1 (0.5..2).
         context_prob: probability that an object gets its class's context texture patch (a background
             distractor) around it. 0 disables the co-occurring distractors.
         spurious_context_prob: probability, per image, of one extra context patch of a class that is absent
@@ -146,9 +153,12 @@ class SyntheticConfig:
     num_train: int = 1000
     num_val: int = 200
     shared_colours: bool = True
+    distinct_colours: bool = True
     head_scale: float = 0.32
-    context_prob: float = 0.8
-    spurious_context_prob: float = 0.1
+    head_shade: float = 0.6
+    object_scale: float = 1.8
+    context_prob: float = 0.4
+    spurious_context_prob: float = 0.3
     clutter: int = 12
     noise_std: float = 6.0
     blur_sigma: float = 0.6
@@ -175,6 +185,10 @@ class SyntheticConfig:
             raise bad("num_val", "must be >= 0")
         if not 0.1 <= self.head_scale <= 0.45:
             raise bad("head_scale", "must be in [0.1, 0.45]")
+        if not 0.5 <= self.object_scale <= 2.0:
+            raise bad("object_scale", "must be in [0.5, 2]")
+        if not 0.0 <= self.head_shade < 1.0:
+            raise bad("head_shade", "must be in [0, 1)")
         for name in ("context_prob", "spurious_context_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "must be a probability in [0, 1]")
@@ -261,6 +275,7 @@ def _rng(config: SyntheticConfig, split: str, index: int, stream: int) -> np.ran
 def _place_objects(config: SyntheticConfig, rng: np.random.Generator, n: int) -> list[tuple[float, ...]]:
     size = config.image_size
     scale = math.sqrt(3.0 / max(config.max_objects, 3))
+    scale *= config.object_scale
     r_hi, r_lo = 0.24 * size * scale, 0.14 * size * scale
     placed: list[tuple[float, float, float]] = []
     for _ in range(n):
@@ -296,16 +311,20 @@ def _sample_layout(config: SyntheticConfig, split: str, index: int) -> _Layout:
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     classes = rng.integers(1, config.num_classes + 1, size=n)
     discs = _place_objects(config, rng, n)
+    if config.distinct_colours:
+        colour_ids = rng.permutation(len(OBJECT_PALETTE))[:n].tolist()
+    else:
+        colour_ids = rng.integers(len(OBJECT_PALETTE), size=n).tolist()
     objects = []
     contexts = []
-    for cls, (cx, cy, radius) in zip(classes.tolist(), discs):
+    for cls, (cx, cy, radius), colour_id in zip(classes.tolist(), discs, colour_ids):
         head_r = config.head_scale * radius
         # head centre at 0.35 * head_r beyond the body's tip: major + 1.35 * head_r <= radius
         major = radius - 1.35 * head_r
-        minor = major * rng.uniform(0.55, 0.8)
+        minor = major * rng.uniform(0.7, 0.95)
         angle = rng.uniform(0.0, 2 * math.pi)
         if config.shared_colours:
-            base = OBJECT_PALETTE[int(rng.integers(len(OBJECT_PALETTE)))]
+            base = OBJECT_PALETTE[colour_id]
         else:
             base = OBJECT_PALETTE[(cls - 1) % len(OBJECT_PALETTE)]
         colour = np.clip(base + rng.uniform(-15.0, 15.0, size=3), 0.0, 255.0)
@@ -327,7 +346,7 @@ def _sample_layout(config: SyntheticConfig, split: str, index: int) -> _Layout:
             )
         )
         if rng.uniform() < config.context_prob:
-            contexts.append(_Context(cls, _blob(rng, cx, cy, radius * 1.2, radius * 1.75)))
+            contexts.append(_Context(cls, _blob(rng, cx, cy, radius * 1.05, radius * 1.45)))
     present = set(classes.tolist())
     absent = [c for c in range(1, config.num_classes + 1) if c not in present]
     if absent and rng.uniform() < config.spurious_context_prob:
@@ -522,9 +541,9 @@ def render_sample(config: SyntheticConfig, split: str, index: int) -> SyntheticS
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
     # background: a muted linear gradient between two colours
-    grey = rng.uniform(70.0, 180.0, size=2)
-    c0 = grey[0] + rng.uniform(-25.0, 25.0, size=3)
-    c1 = grey[1] + rng.uniform(-25.0, 25.0, size=3)
+    grey = rng.uniform(95.0, 160.0, size=2)
+    c0 = grey[0] + rng.uniform(-12.0, 12.0, size=3)
+    c1 = grey[1] + rng.uniform(-12.0, 12.0, size=3)
     a = rng.uniform(0.0, 2 * math.pi)
     t = ((xx * math.cos(a) + yy * math.sin(a)) / (size * math.sqrt(2.0)) + 0.5)[..., None]
     image = (c0 + (c1 - c0) * t).astype(np.float32)
@@ -564,7 +583,7 @@ def render_sample(config: SyntheticConfig, split: str, index: int) -> SyntheticS
         m = canvas.astype(bool)
         period = max(3.0, 0.6 * obj.head_radius)
         texture = _head_texture(HEAD_TEXTURES[obj.cls - 1], yy[m] - hy, xx[m] - hx, period, obj.phase)
-        image[m] = np.where(texture[:, None], colour * 0.42, colour)
+        image[m] = np.where(texture[:, None], colour * config.head_shade, colour)
         mask[m], parts[m], instances[m] = obj.cls, 2, i + 1
     distractor &= mask == 0
 

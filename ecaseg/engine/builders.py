@@ -150,6 +150,7 @@ def build_carm_generator(cfg: Config, num_classes: int, feature_dim: int) -> CAR
         gamma=m.gamma,
         momentum=m.momentum,
         calibrate=m.calibrate,
+        use_fg_cue=m.fg_cue,
     )
 
 
