@@ -79,3 +79,17 @@ def test_dict_round_trip() -> None:
     cfg = load_config("coco", ["method.band=[0.3,0.6]"])
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg
+
+
+def test_synthetic_fields_reach_the_generator() -> None:
+    from ecaseg.data.synthetic import SyntheticConfig
+    from ecaseg.engine.builders import synthetic_config
+
+    defaults = SyntheticConfig()
+    built = synthetic_config(load_config("synthetic"))
+    # the config's defaults are the generator's (except the split sizes, which the config chooses)
+    assert built.context_prob == defaults.context_prob
+    assert built.spurious_context_prob == defaults.spurious_context_prob
+    overrides = ["data.synthetic_context_prob=0", "data.synthetic_spurious_context_prob=0.5"]
+    changed = synthetic_config(load_config("synthetic", overrides))
+    assert (changed.context_prob, changed.spurious_context_prob) == (0.0, 0.5)

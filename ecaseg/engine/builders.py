@@ -44,6 +44,8 @@ def synthetic_config(cfg: Config) -> SyntheticConfig:
         num_classes=d.synthetic_num_classes,
         num_train=d.synthetic_num_train,
         num_val=d.synthetic_num_val,
+        context_prob=d.synthetic_context_prob,
+        spurious_context_prob=d.synthetic_spurious_context_prob,
     )
 
 

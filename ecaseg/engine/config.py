@@ -64,6 +64,8 @@ class DataConfig:
     synthetic_num_classes: int = 5
     synthetic_num_train: int = 400
     synthetic_num_val: int = 100
+    synthetic_context_prob: float = 0.4
+    synthetic_spurious_context_prob: float = 0.3
 
 
 @dataclass

@@ -188,8 +188,11 @@ class PseudoLabelPipeline:
             size = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
         out_hw = (height, width)
-        out = PseudoLabels(cams=cams, cam_label=cams.new_zeros(0, dtype=torch.long))
         sources = [cams]
+        carm: Tensor | None = None
+        carm_raw: Tensor | None = None
+        carm_label: Tensor | None = None
+        carm_label_band: Tensor | None = None
         if with_carm and self.dino is not None and self.carm_generator is not None:
             assert features is not None
             dino = self.dino(images)
@@ -202,8 +205,7 @@ class PseudoLabelPipeline:
                 features.detach().float(),
                 update_prototypes=update_prototypes,
             )
-            out.carm = result.carm
-            out.carm_raw = result.carm_raw
+            carm, carm_raw = result.carm, result.carm_raw
             if self.carm_background == "map":  # background CARM as the background score: PAR on [bg, fg]
                 box = (
                     None
@@ -213,17 +215,21 @@ class PseudoLabelPipeline:
                 label = refine_pseudo_label(
                     self.par, rgb, result.carm[:, 1:], labels, crop_box=box, bg_scores=result.carm[:, :1]
                 )
-                out.carm_label = self._resize_label(label, out_hw)
-                if with_band:
-                    out.carm_label_band = out.carm_label
+                carm_label = self._resize_label(label, out_hw)
+                carm_label_band = carm_label if with_band else None
             else:
                 sources.append(result.carm[:, 1:])
         refined = self._refine_scores(rgb, sources, labels, max_labels)
-        out.cam_label = self._label(refined[0], labels, crop_box, out_hw, False)
-        if with_band:
-            out.cam_label_band = self._label(refined[0], labels, crop_box, out_hw, True)
         if len(refined) > 1:
-            out.carm_label = self._label(refined[1], labels, crop_box, out_hw, False)
+            carm_label = self._label(refined[1], labels, crop_box, out_hw, False)
             if with_band:
-                out.carm_label_band = self._label(refined[1], labels, crop_box, out_hw, True)
-        return out
+                carm_label_band = self._label(refined[1], labels, crop_box, out_hw, True)
+        return PseudoLabels(
+            cams=cams,
+            cam_label=self._label(refined[0], labels, crop_box, out_hw, False),
+            cam_label_band=self._label(refined[0], labels, crop_box, out_hw, True) if with_band else None,
+            carm=carm,
+            carm_raw=carm_raw,
+            carm_label=carm_label,
+            carm_label_band=carm_label_band,
+        )
