@@ -31,6 +31,16 @@ def test_custom_carm_step_trains() -> None:
     assert {"cls", "seg_cam", "seg_carm"} == set(history[0])
 
 
+def _test_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"_ecaseg_{name}", Path(__file__).resolve().parent / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _fixture_voc(root: Path) -> Path:
     voc = root / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -56,3 +66,53 @@ def test_train_voc_example_needs_the_checkpoints(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="does not exist"):
         module.main(["--voc", str(voc), "--mit", str(tmp_path / "mit_b1.pth"), "--dino", "x.pth"])
+
+
+def test_train_voc_example_trains_from_official_checkpoint_files(tmp_path: Path) -> None:
+    """The VOC script end to end on the fixture layout, with checkpoint files in the official layouts (random
+    values): NVlabs ``mit_b1.pth`` and DINO ``dino_deitsmall8_pretrain.pth``, two iterations at 64 pixels."""
+    import torch
+
+    from ecaseg.engine.trainer import load_checkpoint
+
+    # the official-layout state-dict builders of the model tests
+    models = _test_module("test_models")
+    dino_tests = _test_module("test_dino_affinity")
+    B1, official_mit_shapes, random_state = models.B1, models.official_mit_shapes, models.random_state
+    _official_vit_state = dino_tests._official_vit_state
+
+    voc = _fixture_voc(tmp_path)
+    mit = tmp_path / "mit_b1.pth"
+    torch.save(random_state(official_mit_shapes(B1["dims"], B1["depths"], B1["sr"])), mit)
+    dino = tmp_path / "dino_deitsmall8_pretrain.pth"
+    torch.save(_official_vit_state(384, 12, 8, 28, seed=1), dino)
+    work = tmp_path / "work"
+    small = [
+        "data.train_split=train",
+        "data.crop_size=64",
+        "data.resize_long=[64,64]",
+        "data.num_workers=0",
+        "train.max_iters=2",
+        "train.batch_size=2",
+        "train.cls_warmup_iters=1",
+        "train.amp=none",
+        "train.val_interval=2",
+        "train.ckpt_interval=0",
+        "train.tensorboard=false",
+        "method.local_size=32",
+        "method.cam_scales=[1.0]",
+        "method.par_dilations=[1,2]",
+        "method.par_iters=2",
+        "eval.msc_scales=[1.0]",
+    ]
+    load("train_voc").main(
+        ["--voc", str(voc), "--mit", str(mit), "--dino", str(dino), "--work-dir", str(work), *small]
+    )
+    ckpt = load_checkpoint(work / "last.pth")
+    assert ckpt["iteration"] == 2
+    assert ckpt["config"]["model"]["backbone_weights"] == str(mit)
+    assert ckpt["config"]["model"]["dino_weights"] == str(dino)
+    # the MiT weights in the trained model started from the file (patch embedding barely moves in 2 steps)
+    start = torch.load(mit, weights_only=True)["patch_embed1.proj.weight"]
+    trained = ckpt["model"]["backbone.patch_embed1.proj.weight"]
+    assert torch.allclose(start, trained, atol=1e-2)
