@@ -1,19 +1,22 @@
-"""Can the CARM grow a part-CAM into the whole object? Region maps from ground-truth seeds, no training.
+"""Can the CARM grow a part-CAM into the whole object? Region maps from ground-truth or trained CAMs.
 
 On the synthetic benchmark a classifier's CAM fires on an object's head (the discriminative part) and
 under-activates on its body. This script replaces the CAM with an *oracle*: the ground-truth mask of the heads
 only (``--seeds head``) or of whole objects (``--seeds object``), area-pooled to the CAM grid (stride 16, like
-the demo's backbone) and normalised per class. It then runs the CARM of Eq. (3)-(7)
+the demo's backbone) and normalised per class; ``--seeds model --checkpoint FILE`` uses the CAM of a trained
+checkpoint instead (single scale plus flip). It then runs the CARM of Eq. (3)-(7)
 (:func:`ecaseg.carm.select_seeds`, :func:`~ecaseg.carm.affinity_graph`, :func:`~ecaseg.carm.foreground_cue`,
-:func:`~ecaseg.carm.region_maps`) with the given affinity ViT, for each ``gamma``, with and without the
-foreground cue, and scores the alpha = 0.5 pseudo-labels of the oracle CAM and of each CARM by mIoU. It also
-reports the AUC of the foreground cue for foreground versus background patches (0.5 = uninformative).
+:func:`~ecaseg.carm.region_maps`) with the given affinity ViT, for each ``gamma``, with the ViT's foreground
+cue (``cue1``), without a cue (``cue0``) and with the ground-truth foreground as the cue (``cuegt``, an upper
+bound for a perfect cue), and scores the alpha = 0.5 pseudo-labels of the CAM and of each CARM by mIoU. It
+also reports the AUC of the foreground cue for foreground versus background patches (0.5 = uninformative).
 
 The split's masks are used; run it on the ``train`` split to choose settings (as the paper chose ``gamma``
 on VOC's training images) and keep ``val`` for reporting.
 
     python benchmarks/carm_oracle.py                                  # packaged ViT, train split of seed 0
     python benchmarks/carm_oracle.py --weights my_vit.pth --gammas 0.5,0.9 --split val
+    python benchmarks/carm_oracle.py --seeds model --checkpoint demo/eca/last.pth --split val
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import record
 
-from ecaseg.cam import background_cam, cam_to_label
+from ecaseg.cam import background_cam, cam_to_label, multiscale_cam
 from ecaseg.carm import affinity_graph, foreground_cue, region_maps, select_seeds
 from ecaseg.data import EvalTransform
 from ecaseg.data.synthetic import SyntheticConfig, render_sample
@@ -56,6 +59,18 @@ def _miou(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, num_cla
     return float(metric.compute()["miou"])
 
 
+def _load_model(path: Path, num_classes: int) -> torch.nn.Module:
+    """The segmentation network of a trained checkpoint, in eval mode."""
+    from ecaseg.engine.builders import build_model
+    from ecaseg.engine.config import config_from_dict
+    from ecaseg.engine.trainer import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    net = build_model(config_from_dict(ckpt["config"]), num_classes, load_weights=False)
+    net.load_state_dict(ckpt["model"])
+    return net.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=None, help="default: the packaged checkpoint")
@@ -63,7 +78,8 @@ def main() -> None:
     parser.add_argument("--split", default="train", choices=("train", "val"))
     parser.add_argument("--synthetic-seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=100)
-    parser.add_argument("--seeds", default="head", choices=("head", "object"))
+    parser.add_argument("--seeds", default="head", choices=("head", "object", "model"))
+    parser.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint (--seeds model)")
     parser.add_argument("--gammas", default="0.15,0.5,0.7,0.8,0.9,0.95")
     parser.add_argument("--k", type=float, default=0.3)
     parser.add_argument("--cam-stride", type=int, default=16)
@@ -87,13 +103,21 @@ def main() -> None:
     for i, s in enumerate(samples):
         labels[i, [c - 1 for c in s.object_classes]] = 1.0
 
-    onehot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2)[:, 1:].float()
-    if args.seeds == "head":
-        onehot = onehot * (parts == 2)[:, None]
-    size = masks.shape[-1]
-    cams = F.adaptive_avg_pool2d(onehot, size // args.cam_stride)
-    cams = cams / cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    figures: dict[str, float] = {f"oracle_{args.seeds}_cam_miou": _miou(cams, labels, masks, num_classes)}
+    if args.seeds == "model":
+        if args.checkpoint is None:
+            parser.error("--seeds model needs --checkpoint")
+        net = _load_model(args.checkpoint, num_classes)
+        with torch.no_grad():
+            cams = multiscale_cam(net, images, labels, scales=(1.0,), flip=True)
+        name = "model"
+    else:
+        onehot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2)[:, 1:].float()
+        if args.seeds == "head":
+            onehot = onehot * (parts == 2)[:, None]
+        cams = F.adaptive_avg_pool2d(onehot, masks.shape[-1] // args.cam_stride)
+        cams = cams / cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        name = f"oracle_{args.seeds}"
+    figures: dict[str, float] = {f"{name}_cam_miou": _miou(cams, labels, masks, num_classes)}
 
     dino = DINOAffinity(args.variant, weights=weights)
     with torch.no_grad():
@@ -105,11 +129,12 @@ def main() -> None:
     fg = F.interpolate(cams, size=(hd, wd), mode="bilinear", align_corners=False).flatten(2)
     seeds = select_seeds(torch.cat([background_cam(fg), fg], dim=1), labels, args.k)
     graph = affinity_graph(out.keys)
+    cues = {"1": cue, "0": None, "gt": fg_patch.float()}
     for gamma in (float(g) for g in args.gammas.split(",")):
-        for use_cue in (True, False):
-            maps = region_maps(seeds, graph, cue if use_cue else None, gamma)
+        for cue_name, cue_map in cues.items():
+            maps = region_maps(seeds, graph, cue_map, gamma)
             maps = maps.view(len(samples), num_classes, hd, wd)[:, 1:]
-            figures[f"carm_miou_gamma{gamma}_cue{int(use_cue)}"] = _miou(maps, labels, masks, num_classes)
+            figures[f"carm_miou_gamma{gamma}_cue{cue_name}"] = _miou(maps, labels, masks, num_classes)
     for name, value in figures.items():
         print(f"{name:34s} {value:.4f}")
     settings = {
@@ -119,6 +144,7 @@ def main() -> None:
         "synthetic_seed": args.synthetic_seed,
         "num_images": args.num_images,
         "seeds": args.seeds,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "k": args.k,
         "cam_stride": args.cam_stride,
         "seconds": round(time.perf_counter() - start, 1),

@@ -255,6 +255,30 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         main(["--out", str(out)])  # neither --images nor --synthetic
 
 
+def test_command_line_synthetic_generator_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecaseg.engine.dino_pretrain as module
+
+    seen: list[SyntheticConfig] = []
+
+    def recording(split: str, config: SyntheticConfig) -> SyntheticWSSSDataset:
+        seen.append(config)
+        return SyntheticWSSSDataset(split, config)
+
+    monkeypatch.setattr(module, "SyntheticWSSSDataset", recording)
+    out = tmp_path / "syn.pth"
+    argv = ["--synthetic", "--synthetic-num-train", "2", "--synthetic-image-size", "32"]
+    argv += ["--synthetic-objects", "1", "1", "--synthetic-object-scale", "2.0", "--out", str(out)]
+    argv += ["--no-progress", "--iters", "1", "--image-size", "32", "--global-size", "16"]
+    argv += ["--local-size", "8", "--num-local", "1", "--out-dim", "32", "--hidden-dim", "16"]
+    argv += ["--bottleneck-dim", "8", "--batch-size", "2", "--device", "cpu", "--amp", "false"]
+    assert main(argv) == 0
+    assert len(seen) == 1
+    config = seen[0]
+    assert (config.min_objects, config.max_objects, config.object_scale) == (1, 1, 2.0)
+    assert (config.num_train, config.image_size) == (2, 32)
+    assert out.is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # DINO pieces against loop references
 # ----------------------------------------------------------------------------------------------------------

@@ -1278,6 +1278,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--synthetic-seed", type=int, default=0, help="SyntheticConfig.seed")
     parser.add_argument("--synthetic-num-train", type=int, default=1000, help="SyntheticConfig.num_train")
     parser.add_argument("--synthetic-image-size", type=int, default=128, help="SyntheticConfig.image_size")
+    parser.add_argument(
+        "--synthetic-objects", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="SyntheticConfig.min_objects and max_objects (default: the generator's, 1 3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--synthetic-object-scale", type=float, default=None, help="SyntheticConfig.object_scale (1.8)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     for f in dataclasses.fields(DINOPretrainConfig):
@@ -1309,8 +1316,16 @@ def run_from_args(args: argparse.Namespace) -> Path:
     cfg = _config_from_args(args)
     images: str | Path | Dataset | Sequence[dict[str, Any]]
     if args.synthetic:
+        extra: dict[str, Any] = {}
+        if args.synthetic_objects is not None:
+            extra["min_objects"], extra["max_objects"] = args.synthetic_objects
+        if args.synthetic_object_scale is not None:
+            extra["object_scale"] = args.synthetic_object_scale
         syn = SyntheticConfig(
-            seed=args.synthetic_seed, image_size=args.synthetic_image_size, num_train=args.synthetic_num_train
+            seed=args.synthetic_seed,
+            image_size=args.synthetic_image_size,
+            num_train=args.synthetic_num_train,
+            **extra,
         )
         images = SyntheticWSSSDataset("train", syn)
     else:
