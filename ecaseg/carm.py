@@ -236,7 +236,7 @@ class CARMGenerator(nn.Module):
         clamp_fg_cue: Clamp the foreground cue at 0 (see :func:`region_maps`).
         use_fg_cue: Multiply the foreground CARMs by the cue of Eq. (5) (paper). ``False`` drops it; meant
             for small in-domain ViTs whose class token does not attend to the objects (the packaged
-            synthetic ViT: docs, "Synthetic benchmark"); ``cls_query`` is then ignored.
+            synthetic ViT; docs, "CARM" and "The demo" pages); ``cls_query`` is then ignored.
 
     Example:
         >>> gen = CARMGenerator(num_classes=3, feature_dim=4)
