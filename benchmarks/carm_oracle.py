@@ -22,6 +22,7 @@ on VOC's training images) and keep ``val`` for reporting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,17 +40,8 @@ from ecaseg.carm import affinity_graph, foreground_cue, region_maps, select_seed
 from ecaseg.data import EvalTransform
 from ecaseg.data.synthetic import SyntheticConfig, render_sample
 from ecaseg.dino_affinity import DINOAffinity, packaged_weights
+from ecaseg.engine.dino_pretrain import mann_whitney_auc
 from ecaseg.metrics import SegmentationMetric
-
-
-def _auc(values: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann-Whitney AUC of ``values`` for ``positive`` against the rest (ties count one half)."""
-    pos, neg = values[positive], values[~positive]
-    ranks = torch.empty_like(values)
-    order = values.argsort()
-    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype)
-    n_pos, n_neg = pos.numel(), neg.numel()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _miou(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:
@@ -59,16 +51,20 @@ def _miou(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, num_cla
     return float(metric.compute()["miou"])
 
 
-def _load_model(path: Path, num_classes: int) -> torch.nn.Module:
-    """The segmentation network of a trained checkpoint, in eval mode."""
-    from ecaseg.engine.builders import build_model
+def _load_model(path: Path) -> tuple[torch.nn.Module, SyntheticConfig]:
+    """The segmentation network of a trained checkpoint (eval mode) and the benchmark it was trained on."""
+    from ecaseg.engine.builders import build_model, synthetic_config
     from ecaseg.engine.config import config_from_dict
     from ecaseg.engine.trainer import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    net = build_model(config_from_dict(ckpt["config"]), num_classes, load_weights=False)
+    cfg = config_from_dict(ckpt["config"])
+    if cfg.data.dataset != "synthetic":
+        raise SystemExit(f"{path}: trained on data.dataset={cfg.data.dataset!r}, not the synthetic benchmark")
+    trained_on = synthetic_config(cfg)
+    net = build_model(cfg, trained_on.num_classes + 1, load_weights=False)
     net.load_state_dict(ckpt["model"])
-    return net.eval()
+    return net.eval(), trained_on
 
 
 def main() -> None:
@@ -76,7 +72,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="default: the packaged checkpoint")
     parser.add_argument("--variant", default="vit_nano_p8")
     parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--synthetic-seed", type=int, default=0)
+    parser.add_argument("--synthetic-seed", type=int, default=0, help="ignored with --checkpoint (its own)")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--seeds", default="head", choices=("head", "object", "model"))
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint (--seeds model)")
@@ -88,8 +84,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     weights = args.weights or packaged_weights("vit_nano_p8_synthetic")
-    config = SyntheticConfig(
-        seed=args.synthetic_seed,
+    config = SyntheticConfig(seed=args.synthetic_seed)
+    net = None
+    if args.seeds == "model":
+        if args.checkpoint is None:
+            parser.error("--seeds model needs --checkpoint")
+        net, config = _load_model(args.checkpoint)  # the checkpoint's benchmark (seed, classes, context)
+    config = dataclasses.replace(
+        config,
         num_train=args.num_images if args.split == "train" else 1,
         num_val=args.num_images if args.split == "val" else 1,
     )
@@ -103,10 +105,7 @@ def main() -> None:
     for i, s in enumerate(samples):
         labels[i, [c - 1 for c in s.object_classes]] = 1.0
 
-    if args.seeds == "model":
-        if args.checkpoint is None:
-            parser.error("--seeds model needs --checkpoint")
-        net = _load_model(args.checkpoint, num_classes)
+    if net is not None:
         with torch.no_grad():
             cams = multiscale_cam(net, images, labels, scales=(1.0,), flip=True)
         name = "model"
@@ -125,7 +124,7 @@ def main() -> None:
     hd, wd = out.grid
     fg_patch = F.adaptive_avg_pool2d((masks > 0).float()[:, None], (hd, wd)).flatten(1) > 0.5
     cue = foreground_cue(out.cls_query, out.keys)
-    figures["fg_cue_auc"] = _auc(cue.flatten(), fg_patch.flatten())
+    figures["fg_cue_auc"] = float(mann_whitney_auc(cue[fg_patch], cue[~fg_patch]))
     fg = F.interpolate(cams, size=(hd, wd), mode="bilinear", align_corners=False).flatten(2)
     seeds = select_seeds(torch.cat([background_cam(fg), fg], dim=1), labels, args.k)
     graph = affinity_graph(out.keys)
@@ -141,7 +140,7 @@ def main() -> None:
         "weights": str(weights.name),
         "variant": args.variant,
         "split": args.split,
-        "synthetic_seed": args.synthetic_seed,
+        "synthetic_seed": config.seed,
         "num_images": args.num_images,
         "seeds": args.seeds,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
