@@ -3,6 +3,8 @@
 * :func:`select_seeds` -- Eq. (3): exclusive top-``k`` CAM seeds per class.
 * :func:`affinity_graph` -- Eq. (4): cosine similarity of DINO patch keys.
 * :func:`foreground_cue` -- Eq. (5): cosine similarity of the class-token query with the patch keys.
+* :func:`contrast_cue` -- an alternative foreground cue (ecaseg extension): how far each key is from the
+  image's mean key, for affinity ViTs whose class token does not single out the objects.
 * :func:`region_maps` -- Eq. (6)-(7): seed propagation on the thresholded graph, min-max per map.
 * :class:`CARMGenerator` -- the whole SAE module (seeds -> graph -> CARM -> prototype calibration,
   Eq. (8)-(10) via :class:`ecaseg.prototypes.MomentumPrototypes`).
@@ -23,9 +25,11 @@ from ecaseg.cam import _no_autocast, background_cam, minmax_normalize
 from ecaseg.prototypes import MomentumPrototypes, _present_classes
 
 __all__ = [
+    "FG_CUES",
     "CARMGenerator",
     "CARMOutput",
     "affinity_graph",
+    "contrast_cue",
     "foreground_cue",
     "region_maps",
     "select_seeds",
@@ -124,6 +128,41 @@ def foreground_cue(cls_query: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor
         return torch.einsum("bd,bnd->bn", q, kk)
 
 
+FG_CUES: tuple[str, ...] = ("cls", "contrast", "none")
+"""Foreground cues of :class:`CARMGenerator`: Eq. (5) (paper), :func:`contrast_cue`, or none."""
+
+
+def contrast_cue(keys: Tensor, eps: float = 1e-8) -> Tensor:
+    """Foreground cue from key contrast (ecaseg extension of Eq. (5)), min-max normalised per image.
+
+    ``I_fg(i) = 1 - cos(k_i, k_mean)`` with ``k_mean`` the mean of the image's unit-norm patch keys, then
+    scaled to ``[0, 1]`` per image. Background usually covers most of an image and its keys are alike, so the
+    mean key sits in the background cluster and object patches are the ones far from it (global-contrast
+    saliency on DINO keys). It needs no class token: on the synthetic benchmark the packaged ViT's class
+    token does not find the objects (AUC 0.47 for foreground versus background patches) while this cue does
+    (0.90); docs, "CARM" page. An image whose keys are all equal gets a zero cue.
+
+    Args:
+        keys: ``[B, N, D]`` patch keys.
+        eps: Norm floor.
+
+    Returns:
+        ``[B, N]`` float32 in ``[0, 1]``.
+
+    Example:
+        >>> keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+        >>> contrast_cue(keys)
+        tensor([[0., 0., 0., 1.]])
+    """
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be [B, N, D], got {tuple(keys.shape)}")
+    with _no_autocast(keys.device):
+        unit = F.normalize(keys.float(), dim=-1, eps=eps)
+        mean = F.normalize(unit.mean(dim=1), dim=-1, eps=eps)
+        cue = 1.0 - torch.einsum("bd,bnd->bn", mean, unit)
+        return minmax_normalize(cue.unsqueeze(1), 1e-6).squeeze(1)
+
+
 def region_maps(
     seeds: Tensor,
     graph: Tensor,
@@ -140,7 +179,8 @@ def region_maps(
     min-max normalised to ``[0, 1]``; a class without seeds (or a constant map) is all zero.
 
     ``fg_cue=None`` drops ``I_fg`` from Eq. (7) (every patch counts as foreground): for affinity ViTs whose
-    class token does not single out the objects (see ``CARMGenerator(use_fg_cue=False)``).
+    class token does not single out the objects (see ``CARMGenerator(fg_cue="none")``); :func:`contrast_cue`
+    is another cue for them.
 
     The cosine cue ``I_fg`` can be negative. With ``clamp_fg_cue=True`` (default) it is clamped at 0, so a
     patch the class token finds dissimilar gets a zero foreground score instead of a negative one that the
@@ -149,7 +189,7 @@ def region_maps(
     Args:
         seeds: ``[B, K, N]`` bool seeds (background first), e.g. from :func:`select_seeds`.
         graph: ``[B, N, N]`` affinity graph (:func:`affinity_graph`).
-        fg_cue: ``[B, N]`` foreground cue (:func:`foreground_cue`), or None for no cue.
+        fg_cue: ``[B, N]`` foreground cue (:func:`foreground_cue` or :func:`contrast_cue`), or None.
         gamma: Graph threshold (paper: 0.15 for DINO ViT-S/8).
         clamp_fg_cue: Clamp the foreground cue at 0.
         eps: Passed to :func:`ecaseg.cam.minmax_normalize`.
@@ -234,9 +274,10 @@ class CARMGenerator(nn.Module):
         momentum: Prototype momentum ``tau`` of Eq. (8) (the paper gives none; 0.9).
         calibrate: Apply Eq. (9)-(10); ``False`` is the "w/o calibration" ablation (``carm == carm_raw``).
         clamp_fg_cue: Clamp the foreground cue at 0 (see :func:`region_maps`).
-        use_fg_cue: Multiply the foreground CARMs by the cue of Eq. (5) (paper). ``False`` drops it; meant
-            for small in-domain ViTs whose class token does not attend to the objects (the packaged
-            synthetic ViT; docs, "CARM" and "The demo" pages); ``cls_query`` is then ignored.
+        fg_cue: The foreground cue ``I_fg`` of Eq. (7): ``"cls"``, the class-token cue of Eq. (5) (paper);
+            ``"contrast"``, :func:`contrast_cue` (extension, for small in-domain ViTs whose class token does
+            not attend to the objects, such as the packaged synthetic ViT; docs, "CARM" page); ``"none"``
+            drops it. ``cls_query`` is ignored unless ``"cls"``.
 
     Example:
         >>> gen = CARMGenerator(num_classes=3, feature_dim=4)
@@ -255,18 +296,20 @@ class CARMGenerator(nn.Module):
         momentum: float = 0.9,
         calibrate: bool = True,
         clamp_fg_cue: bool = True,
-        use_fg_cue: bool = True,
+        fg_cue: str = "cls",
     ) -> None:
         super().__init__()
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
+        if fg_cue not in FG_CUES:
+            raise ValueError(f"fg_cue must be one of {FG_CUES}, got {fg_cue!r}")
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.k = k
         self.gamma = gamma
         self.calibrate = calibrate
         self.clamp_fg_cue = clamp_fg_cue
-        self.use_fg_cue = use_fg_cue
+        self.fg_cue = fg_cue
         self.prototypes = MomentumPrototypes(num_classes, feature_dim, momentum)
 
     @torch.no_grad()
@@ -313,7 +356,11 @@ class CARMGenerator(nn.Module):
             scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
             seeds = select_seeds(scores, labels, self.k)
             graph = affinity_graph(keys)
-            cue = foreground_cue(cls_query, keys) if self.use_fg_cue else None
+            cue: Tensor | None = None
+            if self.fg_cue == "cls":
+                cue = foreground_cue(cls_query, keys)
+            elif self.fg_cue == "contrast":
+                cue = contrast_cue(keys)
             carm_d = region_maps(seeds, graph, cue, self.gamma, self.clamp_fg_cue)
             carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
             if not (self.calibrate or update_prototypes):
@@ -330,5 +377,5 @@ class CARMGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, k={self.k}, gamma={self.gamma}, calibrate={self.calibrate}, "
-            f"use_fg_cue={self.use_fg_cue}"
+            f"fg_cue={self.fg_cue!r}"
         )

@@ -15,6 +15,7 @@ from ecaseg.carm import (
     CARMGenerator,
     CARMOutput,
     affinity_graph,
+    contrast_cue,
     foreground_cue,
     region_maps,
     select_seeds,
@@ -248,17 +249,65 @@ def test_carm_generator_switches() -> None:
     assert torch.equal(module.prototypes.prototypes, state)
 
 
-def test_carm_generator_without_fg_cue_ignores_the_class_token() -> None:
+@pytest.mark.parametrize("cue", ["none", "contrast"])
+def test_carm_generator_without_class_cue_ignores_the_class_token(cue: str) -> None:
     gen = torch.Generator().manual_seed(13)
     cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (8, 8), (4, 4))
-    module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, use_fg_cue=False)
+    module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, fg_cue=cue)
     out = module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
     other = module(cams, labels, keys, torch.randn_like(query), (8, 8), feats, update_prototypes=False)
     torch.testing.assert_close(out.carm_raw, other.carm_raw)
     with_cue = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False)
     ref = with_cue(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
     assert not torch.allclose(out.carm_raw[:, 1:], ref.carm_raw[:, 1:])
-    assert "use_fg_cue=False" in repr(module)
+    assert f"fg_cue={cue!r}" in repr(module)
+
+
+def _ref_contrast_cue(keys: torch.Tensor) -> torch.Tensor:
+    """Loop reference: 1 - cos(k_i, mean of unit keys), then (x - min) / (max - min) per image."""
+    out = torch.zeros(keys.shape[:2], dtype=torch.float64)
+    for b in range(keys.shape[0]):
+        units = [k.double() / k.double().norm() for k in keys[b]]
+        mean = sum(units) / len(units)
+        mean = mean / mean.norm()
+        vals = [1.0 - float(u @ mean) for u in units]
+        lo, hi = min(vals), max(vals)
+        out[b] = torch.tensor([(v - lo) / max(hi - lo, 1e-6) for v in vals])
+    return out
+
+
+def test_contrast_cue_matches_loop_reference() -> None:
+    gen = torch.Generator().manual_seed(21)
+    keys = torch.randn(3, 20, 7, generator=gen)
+    cue = contrast_cue(keys)
+    assert cue.dtype == torch.float32 and cue.shape == (3, 20)
+    torch.testing.assert_close(cue.double(), _ref_contrast_cue(keys), rtol=1e-5, atol=1e-5)
+    # invariant to the scale of each key; the patch farthest from the mean gets 1, the nearest 0
+    torch.testing.assert_close(contrast_cue(keys * torch.rand(3, 20, 1, generator=gen) + 0.0), cue)
+    assert torch.allclose(cue.amax(1), torch.ones(3)) and torch.allclose(cue.amin(1), torch.zeros(3))
+    assert torch.equal(contrast_cue(torch.ones(1, 5, 4)), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="keys must be"):
+        contrast_cue(torch.ones(5, 4))
+
+
+def test_contrast_cue_marks_the_minority_cluster() -> None:
+    gen = torch.Generator().manual_seed(22)
+    background, obj = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    keys = torch.stack([background] * 12 + [obj] * 4) + 0.05 * torch.randn(16, 8, generator=gen)
+    cue = contrast_cue(keys[None])[0]
+    assert cue[12:].min() > cue[:12].max()
+
+
+def test_carm_generator_contrast_cue_matches_region_maps() -> None:
+    gen = torch.Generator().manual_seed(23)
+    cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (4, 4), (4, 4))
+    module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, gamma=0.1, fg_cue="contrast")
+    out = module(cams, labels, keys, query, (4, 4), feats, update_prototypes=False)
+    seeds = out.seeds
+    ref = region_maps(seeds, affinity_graph(keys), contrast_cue(keys), 0.1).view(2, 4, 4, 4)
+    torch.testing.assert_close(out.carm_raw, ref)
+    with pytest.raises(ValueError, match="fg_cue must be one of"):
+        CARMGenerator(num_classes=4, feature_dim=6, fg_cue="salient")
 
 
 def test_carm_generator_bad_shapes() -> None:

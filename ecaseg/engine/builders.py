@@ -21,6 +21,7 @@ from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.config import Config
 from ecaseg.errors import ConfigError
 from ecaseg.models import ECANet
+from ecaseg.models.timm_backbone import TIMM_PREFIX, is_timm_backbone
 from ecaseg.par import PAR
 
 __all__ = [
@@ -92,6 +93,12 @@ def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> ECA
     weights: str | None = None
     if load_weights:
         if m.backbone_weights:
+            if not Path(m.backbone_weights).exists() and is_timm_backbone(m.backbone):
+                raise ConfigError(
+                    f"model.backbone_weights {m.backbone_weights} does not exist; point it to the state-dict "
+                    f"file of the timm model {m.backbone[len(TIMM_PREFIX) :]!r} (pytorch_model.bin or "
+                    "model.safetensors)"
+                )
             if not Path(m.backbone_weights).exists():
                 raise ConfigError(
                     f"model.backbone_weights {m.backbone_weights} does not exist; download the SegFormer "
@@ -152,7 +159,7 @@ def build_carm_generator(cfg: Config, num_classes: int, feature_dim: int) -> CAR
         gamma=m.gamma,
         momentum=m.momentum,
         calibrate=m.calibrate,
-        use_fg_cue=m.fg_cue,
+        fg_cue=m.fg_cue,
     )
 
 

@@ -91,7 +91,7 @@ class MethodConfig:
     gamma: float = 0.15
     momentum: float = 0.9
     calibrate: bool = True
-    fg_cue: bool = True
+    fg_cue: Literal["cls", "contrast", "none"] = "cls"
     alpha: float = 0.5
     band: tuple[float, float] = (0.35, 0.55)
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)

@@ -1,4 +1,4 @@
-"""Networks: the MiT (SegFormer) encoder, the all-MLP decoder and the ECA/AFA network that combines them."""
+"""Networks: the MiT (SegFormer) encoder or a timm CNN, the all-MLP decoder and the ECA/AFA network."""
 
 from ecaseg.models.checkpoints import (
     convert_mit_state_dict,
@@ -22,6 +22,7 @@ from ecaseg.models.mit import (
     mit_nano,
 )
 from ecaseg.models.segformer_head import SegFormerHead
+from ecaseg.models.timm_backbone import TimmBackbone, is_timm_backbone
 
 __all__ = [
     "MIT_CONFIGS",
@@ -29,12 +30,14 @@ __all__ = [
     "ECAOutput",
     "MixVisionTransformer",
     "SegFormerHead",
+    "TimmBackbone",
     "attention_to_affinity",
     "available_backbones",
     "convert_mit_state_dict",
     "create_backbone",
     "gmp_logits",
     "hf_to_nvlabs",
+    "is_timm_backbone",
     "load_mit_weights",
     "mit_b0",
     "mit_b1",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ecaseg.errors import ConfigError
 from ecaseg.models.mit import WSSS_STRIDES, MixVisionTransformer, create_backbone
 from ecaseg.models.segformer_head import SegFormerHead
+from ecaseg.models.timm_backbone import TIMM_PREFIX, TimmBackbone, is_timm_backbone
 
 __all__ = ["ECANet", "ECAOutput", "attention_to_affinity", "gmp_logits", "raw_cam"]
 
@@ -140,14 +141,16 @@ class ECANet(nn.Module):
     """MiT backbone with the CAM classifier, the SegFormer decoder and AFA's attention-to-affinity head.
 
     Args:
-        backbone: Backbone name (``"mit_nano"``, ``"mit_b0"`` .. ``"mit_b5"``) or a built
-            :class:`~ecaseg.models.mit.MixVisionTransformer`.
+        backbone: Backbone name (``"mit_nano"``, ``"mit_b0"`` .. ``"mit_b5"``, or ``"timm:<name>"`` for a timm
+            CNN, see :class:`~ecaseg.models.timm_backbone.TimmBackbone`) or a built encoder.
         num_classes: K, background included (21 for VOC, 81 for COCO).
-        backbone_weights: ImageNet checkpoint of the backbone (NVlabs ``.pth`` or Hugging Face folder);
-            ``None`` keeps the random initialisation.
-        strides: Stage strides of the backbone (WSSS: ``(4, 2, 2, 1)``).
+        backbone_weights: ImageNet checkpoint of the backbone (NVlabs ``.pth`` or Hugging Face folder; for
+            ``timm:`` backbones the timm state-dict file); ``None`` keeps the random initialisation.
+        strides: Stage strides of the backbone (WSSS: ``(4, 2, 2, 1)``); a ``timm:`` backbone uses their
+            product as its output stride.
         decoder_dim: Embedding width of the decoder.
-        attn_blocks: How many of the last stage-4 blocks feed the affinity head (2 in AFA).
+        attn_blocks: How many of the last stage-4 blocks feed the affinity head (2 in AFA; 1 for a ``timm:``
+            backbone, whose single attention probe stands in for the blocks).
         **backbone_kwargs: Extra backbone arguments (``drop_path_rate``...).
 
     Attributes:
@@ -163,7 +166,7 @@ class ECANet(nn.Module):
 
     def __init__(
         self,
-        backbone: str | MixVisionTransformer = "mit_b1",
+        backbone: str | MixVisionTransformer | TimmBackbone = "mit_b1",
         num_classes: int = 21,
         backbone_weights: str | PathLike[str] | None = None,
         strides: Sequence[int] = WSSS_STRIDES,
@@ -174,9 +177,21 @@ class ECANet(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes (K, background included) must be >= 2, got {num_classes}")
-        if isinstance(backbone, str):
+        if isinstance(backbone, str) and is_timm_backbone(backbone):
+            stride = 1
+            for v in strides:
+                stride *= int(v)
+            backbone = TimmBackbone(
+                backbone[len(TIMM_PREFIX) :],
+                weights=backbone_weights,
+                output_stride=stride,
+                **backbone_kwargs,
+            )
+        elif isinstance(backbone, str):
             backbone = create_backbone(backbone, weights=backbone_weights, strides=strides, **backbone_kwargs)
         elif backbone_weights is not None:
+            if isinstance(backbone, TimmBackbone):
+                raise ConfigError("pass the weights of a built TimmBackbone to its constructor")
             from ecaseg.models.checkpoints import load_mit_weights
 
             load_mit_weights(backbone, backbone_weights)
@@ -184,7 +199,7 @@ class ECANet(nn.Module):
             raise ConfigError(
                 f"attn_blocks must be in [1, {backbone.depths[3]}] (stage-4 depth), got {attn_blocks}"
             )
-        self.backbone = backbone
+        self.backbone: MixVisionTransformer | TimmBackbone = backbone
         self.num_classes = num_classes
         self.feature_dim = backbone.embed_dims[-1]
         self.stride = backbone.stride
@@ -240,8 +255,8 @@ class ECANet(nn.Module):
         * ``"backbone_no_decay"``: backbone LayerNorm weights and all backbone biases, at
           ``lr * no_decay_lr_mult`` without weight decay (AFA's release froze its backbone norms with
           learning rate 0: pass ``no_decay_lr_mult=0.0`` to reproduce that);
-        * ``"heads"``: classifier, attention projection and decoder, at ``head_lr_mult * lr`` (10x) with
-          ``weight_decay``.
+        * ``"heads"``: classifier, attention projection, decoder (and the attention probe of a ``timm:``
+          backbone), at ``head_lr_mult * lr`` (10x) with ``weight_decay``.
 
         Only parameters with ``requires_grad`` are included; each appears exactly once. Every group carries
         a ``"name"`` key (kept by torch optimisers) and its ``"lr"``.
@@ -257,10 +272,15 @@ class ECANet(nn.Module):
         """
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
-        for p in self.backbone.parameters():
-            if p.requires_grad:
+        heads: list[nn.Parameter] = []
+        for name, p in self.backbone.named_parameters():
+            if not p.requires_grad:
+                continue
+            if isinstance(self.backbone, TimmBackbone) and name.startswith("attn_"):
+                heads.append(p)  # the attention probe is new, like the affinity projection
+            else:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        heads = [
+        heads += [
             p
             for m in (self.classifier, self.attn_proj, self.decoder)
             for p in m.parameters()
