@@ -7,9 +7,10 @@ the demo's backbone) and normalised per class; ``--seeds model --checkpoint FILE
 checkpoint instead (single scale plus flip). It then runs the CARM of Eq. (3)-(7)
 (:func:`ecaseg.carm.select_seeds`, :func:`~ecaseg.carm.affinity_graph`, :func:`~ecaseg.carm.foreground_cue`,
 :func:`~ecaseg.carm.region_maps`) with the given affinity ViT, for each ``gamma``, with the ViT's foreground
-cue (``cue1``), without a cue (``cue0``) and with the ground-truth foreground as the cue (``cuegt``, an upper
-bound for a perfect cue), and scores the alpha = 0.5 pseudo-labels of the CAM and of each CARM by mIoU. It
-also reports the AUC of the foreground cue for foreground versus background patches (0.5 = uninformative).
+cue (``cue1``), without a cue (``cue0``), with :func:`~ecaseg.carm.contrast_cue` (``cuecontrast``) and with
+the ground-truth foreground as the cue (``cuegt``, an upper bound for a perfect cue), and scores the
+alpha = 0.5 pseudo-labels of the CAM and of each CARM by mIoU. It also reports the AUC of the class-token and
+contrast cues for foreground versus background patches (0.5 = uninformative).
 
 The split's masks are used; run it on the ``train`` split to choose settings (as the paper chose ``gamma``
 on VOC's training images) and keep ``val`` for reporting.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record
 
 from ecaseg.cam import background_cam, cam_to_label, multiscale_cam
-from ecaseg.carm import affinity_graph, foreground_cue, region_maps, select_seeds
+from ecaseg.carm import affinity_graph, contrast_cue, foreground_cue, region_maps, select_seeds
 from ecaseg.data import EvalTransform
 from ecaseg.data.synthetic import SyntheticConfig, render_sample
 from ecaseg.dino_affinity import DINOAffinity, packaged_weights
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--k", type=float, default=0.3)
     parser.add_argument("--cam-stride", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -125,10 +127,12 @@ def main() -> None:
     fg_patch = F.adaptive_avg_pool2d((masks > 0).float()[:, None], (hd, wd)).flatten(1) > 0.5
     cue = foreground_cue(out.cls_query, out.keys)
     figures["fg_cue_auc"] = float(mann_whitney_auc(cue[fg_patch], cue[~fg_patch]))
+    contrast = contrast_cue(out.keys)
+    figures["contrast_cue_auc"] = float(mann_whitney_auc(contrast[fg_patch], contrast[~fg_patch]))
     fg = F.interpolate(cams, size=(hd, wd), mode="bilinear", align_corners=False).flatten(2)
     seeds = select_seeds(torch.cat([background_cam(fg), fg], dim=1), labels, args.k)
     graph = affinity_graph(out.keys)
-    cues = {"1": cue, "0": None, "gt": fg_patch.float()}
+    cues = {"1": cue, "0": None, "contrast": contrast, "gt": fg_patch.float()}
     for gamma in (float(g) for g in args.gammas.split(",")):
         for cue_name, cue_map in cues.items():
             maps = region_maps(seeds, graph, cue_map, gamma)
@@ -148,7 +152,12 @@ def main() -> None:
         "cam_stride": args.cam_stride,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    print("wrote", record(f"carm-oracle-{args.seeds}-{args.split}", torch.device("cpu"), figures, settings))
+    print(
+        "wrote",
+        record(
+            f"carm-oracle-{args.seeds}-{args.split}", torch.device("cpu"), figures, settings, args.results_dir
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,15 @@ def time_fn(
     }
 
 
-def record(kind: str, device: torch.device, figures: dict[str, Any], settings: dict[str, Any]) -> Path:
-    """Write ``results/<kind>-<device>-<date>.json`` with device, versions, commit and the figures."""
+def record(
+    kind: str,
+    device: torch.device,
+    figures: dict[str, Any],
+    settings: dict[str, Any],
+    results_dir: Path | None = None,
+) -> Path:
+    """Write ``<results_dir>/<kind>-<device>-<date>.json`` (default ``benchmarks/results``) with device,
+    versions, commit and the figures."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     slug = (
         "cuda-" + torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu"
@@ -94,9 +101,9 @@ def record(kind: str, device: torch.device, figures: dict[str, Any], settings: d
         "timm": timm.__version__,
         "commit": commit(),
         "date": date,
-        "settings": settings,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
         "figures": figures,
     }
-    path = RESULTS / f"{kind}-{slug}-{date}.json"
+    path = (results_dir or RESULTS) / f"{kind}-{slug}-{date}.json"
     atomic_write_text(path, json.dumps(payload, indent=2))
     return path

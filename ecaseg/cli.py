@@ -271,7 +271,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ecaseg.engine.demo import run_demo
 
-    report = run_demo(out_dir=Path(args.out), seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    report = run_demo(
+        out_dir=Path(args.out),
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+        overrides=args.overrides,
+    )
     print(json.dumps(report, indent=2))
     return 0
 
@@ -369,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ecaseg_demo"))
     p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for all three runs")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

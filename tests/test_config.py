@@ -25,6 +25,7 @@ def test_packaged_configs_carry_the_paper_settings() -> None:
     afa = load_config("voc_afa")
     assert not afa.method.use_carm_seg and not afa.method.use_cce and afa.method.aff_source == "cam"
     assert load_config("voc_supervised").method.fully_supervised
+    assert voc.method.fg_cue == "cls" and load_config("synthetic").method.fg_cue == "contrast"
 
 
 def test_overrides_are_typed() -> None:
@@ -41,6 +42,7 @@ def test_overrides_are_typed() -> None:
     [
         ("method.kk=1", "valid keys: k, gamma"),
         ("method.aff_source=foo", "valid choices: carm, cam, none"),
+        ("method.fg_cue=false", "valid choices: cls, contrast, none"),
         ("train.max_iters=abc", "expected an integer"),
         ("train.max_iters=1.5", "expected an integer"),
         ("method.use_cce=maybe", "expected true or false"),

@@ -6,7 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from ecaseg.cli import main
+from ecaseg.engine.demo import demo_configs
+from ecaseg.errors import ConfigError
 
 
 def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
@@ -29,3 +33,27 @@ def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
     assert "seg_miou" in report and "| mIoU" in report
     for figure in ("panels.png", "per_class_iou.png"):
         assert (tmp_path / figure).stat().st_size > 1000, figure
+
+
+def test_demo_overrides_reach_all_three_runs() -> None:
+    configs = demo_configs(
+        3, quick=True, overrides=["model.backbone=timm:test_resnet", "model.attn_blocks=1"]
+    )
+    assert set(configs) == {"eca", "baseline", "supervised"}
+    for cfg in configs.values():
+        assert (cfg.model.backbone, cfg.model.attn_blocks, cfg.data.synthetic_seed) == (
+            "timm:test_resnet",
+            1,
+            3,
+        )
+    # what sets the runs apart still applies on top of the overrides
+    assert configs["supervised"].method.fully_supervised and not configs["eca"].method.fully_supervised
+    assert not configs["baseline"].method.use_cce
+    with pytest.raises(ConfigError, match=r"method\.fg_cue"):
+        demo_configs(0, quick=True, overrides=["method.fg_cue=maybe"])
+
+
+def test_demo_cli_refuses_bad_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--out", str(tmp_path), "method.gamma=high"]) != 0
+    assert "method.gamma" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -121,8 +122,9 @@ class TimmBackbone(nn.Module):
         body = timm.create_model(name, features_only=True, output_stride=output_stride)
         if weights is not None:
             _load_strict(body, name, Path(weights))
-        channels = list(body.feature_info.channels())
-        reductions = list(body.feature_info.reduction())
+        info: Any = body.feature_info  # timm's FeatureInfo (typed loosely as a module attribute)
+        channels = [int(c) for c in info.channels()]
+        reductions = [int(r) for r in info.reduction()]
         if len(channels) < 4:
             raise ConfigError(f"timm model {name!r} has {len(channels)} feature levels; ECANet needs 4")
         self.body = body

@@ -1,0 +1,59 @@
+"""The diagnostic benchmark scripts run end to end on tiny settings and write their records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("backbone", ["mit_nano", "timm:test_resnet"])
+def test_classifier_probe(tmp_path: Path, backbone: str) -> None:
+    out = _run(
+        "classifier_probe.py",
+        "--backbone",
+        backbone,
+        "--iters",
+        "3",
+        "--every",
+        "2",
+        "--num-train",
+        "8",
+        "--num-val",
+        "6",
+        "--results-dir",
+        str(tmp_path),
+    )
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [entry["iter"] for entry in lines] == [2, 3]
+    (path,) = tmp_path.glob("classifier-probe-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["backbone"] == backbone and payload["torch"]
+    figures = payload["figures"]
+    assert 0.0 <= figures["final_val_map"] <= 1.0 and figures["parameters_m"] > 0.1
+
+
+def test_carm_oracle_reports_every_cue(tmp_path: Path) -> None:
+    out = _run("carm_oracle.py", "--num-images", "4", "--gammas", "0.9", "--results-dir", str(tmp_path))
+    (path,) = tmp_path.glob("carm-oracle-head-train-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    for cue in ("1", "0", "contrast", "gt"):
+        assert 0.0 <= figures[f"carm_miou_gamma0.9_cue{cue}"] <= 1.0, cue
+    assert 0.0 <= figures["contrast_cue_auc"] <= 1.0
+    assert "contrast_cue_auc" in out
