@@ -1,14 +1,23 @@
 """Can a randomly initialised encoder learn the synthetic classes from image-level labels? A classifier probe.
 
 Trains an encoder plus a bias-free 1x1 classifier with global max pooling (ECA's classification branch) on the
-synthetic benchmark with the multi-label soft-margin loss, batch 8, AdamW (lr ``--lr`` for the encoder, 10x
-for the classifier, weight decay 0.01), random horizontal flips, no other augmentation, and reports the val
-mAP every ``--every`` iterations. No CAM, CARM, decoder or schedule: this isolates the question "does the
-encoder pick up the class cues at all".
+synthetic benchmark with the multi-label soft-margin loss, batch ``--batch-size`` (8), AdamW (lr ``--lr`` for
+the encoder, 10x for the classifier, weight decay 0.01, constant or ``--schedule poly``), random horizontal
+flips, no other augmentation, and reports the val mAP every ``--every`` iterations. No CAM, CARM or decoder:
+this isolates the question "does the encoder pick up the class cues at all".
 
     python benchmarks/classifier_probe.py --backbone mit_nano --iters 1000
     python benchmarks/classifier_probe.py --backbone timm:test_resnet --iters 1000
     python benchmarks/classifier_probe.py --backbone mit_nano --class-colours   # colour = class (easy)
+
+With ``--save FILE`` it is also the classification *pretraining* of an encoder, the synthetic stand-in for
+ImageNet pretraining: it writes the encoder's state dict (for a ``timm:`` backbone, in the layout that
+``model.backbone_weights`` loads). The packaged ``test_resnet_synthetic_cls.pth`` was made on the images of
+benchmark seed 1000, disjoint from the demo's seeds (docs, "The demo")::
+
+    python benchmarks/classifier_probe.py --backbone timm:test_resnet --seed 1000 --num-train 4000 \
+        --context-prob 0.4 --iters 2000 --batch-size 16 --lr 1e-3 --schedule poly --every 500 \
+        --save ecaseg/assets/test_resnet_synthetic_cls.pth
 
 Encoders are built by :class:`ecaseg.models.ECANet` (any ``mit_*`` or ``timm:<name>`` backbone).
 The record goes to ``benchmarks/results/classifier-probe-<backbone>[-colours]-cpu-<date>.json``.
@@ -17,6 +26,7 @@ The record goes to ``benchmarks/results/classifier-probe-<backbone>[-colours]-cp
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -32,7 +42,8 @@ from common import record
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
 from ecaseg.data.transforms import EvalTransform
 from ecaseg.metrics import average_precision
-from ecaseg.models import ECANet, gmp_logits
+from ecaseg.models import ECANet, TimmBackbone, gmp_logits
+from ecaseg.utils.io import atomic_write_bytes
 
 
 def _load(config: SyntheticConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +58,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--schedule", choices=("constant", "poly"), default="constant")
+    parser.add_argument("--save", type=Path, default=None, help="write the encoder's state dict here")
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--context-prob", type=float, default=0.0, help="0: no context patches")
@@ -77,6 +91,9 @@ def main() -> None:
         ],
         weight_decay=0.01,
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: (1.0 - i / args.iters) ** 0.9 if args.schedule == "poly" else 1.0
+    )
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         return gmp_logits(encoder(x)[-1], classifier.weight)
@@ -91,7 +108,7 @@ def main() -> None:
     history = []
     start = time.perf_counter()
     for it in range(1, args.iters + 1):
-        idx = torch.randint(0, len(x_train), (8,))
+        idx = torch.randint(0, len(x_train), (args.batch_size,))
         x = x_train[idx]
         if torch.rand(()) < 0.5:
             x = x.flip(-1)
@@ -99,6 +116,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if it % args.every == 0 or it == args.iters:
             seconds = round(time.perf_counter() - start, 1)
             entry = {"iter": it, "val_map": round(val_map(), 4), "seconds": seconds}
@@ -109,7 +127,16 @@ def main() -> None:
         "final_val_map": history[-1]["val_map"],
         "history": history,
     }
+    if args.save is not None:
+        body = encoder.body if isinstance(encoder, TimmBackbone) else encoder
+        state = {k: v.detach().clone() for k, v in body.state_dict().items()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(args.save, buffer.getvalue())
+        figures["saved"] = str(args.save)
+        print(f"saved the encoder to {args.save}")
     name = args.backbone.replace(":", "-") + ("-colours" if args.class_colours else "")
+    name += "-pretrain" if args.save is not None else ""
     print(
         "wrote",
         record(f"classifier-probe-{name}", torch.device("cpu"), figures, vars(args), args.results_dir),

@@ -57,3 +57,19 @@ def test_demo_cli_refuses_bad_overrides(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["demo", "--quick", "--out", str(tmp_path), "method.gamma=high"]) != 0
     assert "method.gamma" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_demo_refuses_the_pretraining_source_seed() -> None:
+    with pytest.raises(ConfigError, match="seed 1000 is the benchmark seed the packaged encoder"):
+        demo_configs(1000, quick=True)
+    configs = demo_configs(
+        1000,
+        quick=True,
+        overrides=[
+            "model.backbone_weights=",
+            "model.backbone=mit_nano",
+            "model.attn_blocks=2",
+            "model.allow_random_backbone=true",
+        ],
+    )
+    assert configs["eca"].model.backbone == "mit_nano"

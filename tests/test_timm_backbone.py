@@ -130,7 +130,12 @@ def test_ecanet_with_timm_backbone() -> None:
 
 
 def test_build_model_loads_or_refuses_timm_weights(tmp_path: Path) -> None:
-    base = ["model.backbone=timm:test_resnet", "model.attn_blocks=1", "model.allow_random_backbone=false"]
+    base = [
+        "model.backbone=timm:test_resnet",
+        "model.attn_blocks=1",
+        "model.allow_random_backbone=false",
+        "model.backbone_weights=",
+    ]
     with pytest.raises(ConfigError, match="backbone_weights is empty"):
         build_model(load_config("synthetic", base), num_classes=6)
     missing = tmp_path / "nowhere.bin"
@@ -141,3 +146,22 @@ def test_build_model_loads_or_refuses_timm_weights(tmp_path: Path) -> None:
     torch.save(state, path)
     net = build_model(load_config("synthetic", [*base, f"model.backbone_weights={path}"]), num_classes=6)
     torch.testing.assert_close(net.backbone.body.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+
+
+def test_synthetic_config_loads_the_packaged_pretrained_encoder() -> None:
+    from importlib import resources
+
+    cfg = load_config("synthetic")
+    assert cfg.model.backbone_weights == "packaged:test_resnet_synthetic_cls.pth"
+    asset = resources.files("ecaseg") / "assets" / "test_resnet_synthetic_cls.pth"
+    state = torch.load(str(asset), map_location="cpu", weights_only=True)
+    net = build_model(cfg, num_classes=6)
+    loaded = net.backbone.body.state_dict()
+    assert set(loaded) == set(state)
+    for key in ("conv1.0.weight", "layer4.0.bn2.running_mean"):
+        torch.testing.assert_close(loaded[key], state[key])
+    # pretrained, not a fresh initialisation
+    fresh = TimmBackbone("test_resnet").body.state_dict()
+    assert not torch.allclose(fresh["conv1.0.weight"], loaded["conv1.0.weight"])
+    with pytest.raises(ConfigError, match=r"no packaged weights 'nothing\.pth'"):
+        build_model(load_config("synthetic", ["model.backbone_weights=packaged:nothing.pth"]), num_classes=6)

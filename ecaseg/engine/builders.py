@@ -92,7 +92,9 @@ def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> ECA
     m = cfg.model
     weights: str | None = None
     if load_weights:
-        if m.backbone_weights:
+        if m.backbone_weights.startswith("packaged:"):
+            weights = resolve_weights(m.backbone_weights)
+        elif m.backbone_weights:
             if not Path(m.backbone_weights).exists() and is_timm_backbone(m.backbone):
                 raise ConfigError(
                     f"model.backbone_weights {m.backbone_weights} does not exist; point it to the state-dict "

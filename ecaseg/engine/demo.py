@@ -22,11 +22,15 @@ from ecaseg.engine.evaluation import evaluate_segmentation
 from ecaseg.engine.inference import write_png
 from ecaseg.engine.trainer import ECATrainer
 from ecaseg.engine.visualize import bar_chart, training_panels
+from ecaseg.errors import ConfigError
 from ecaseg.metrics import format_iou_table
 from ecaseg.utils.io import atomic_write_text
 
 __all__ = ["demo_configs", "run_demo"]
 
+
+PRETRAIN_SOURCE_SEED = 1000
+"""Benchmark seed whose images pretrained the packaged encoder (``test_resnet_synthetic_cls.pth``)."""
 
 QUICK_BUDGET = [
     "train.max_iters=100",
@@ -54,6 +58,13 @@ def demo_configs(seed: int, quick: bool, overrides: Sequence[str] = ()) -> dict[
     if quick:
         common += QUICK_BUDGET
     common += list(overrides)
+    if seed == PRETRAIN_SOURCE_SEED:
+        cfg = load_config("synthetic", common)
+        if cfg.model.backbone_weights == "packaged:test_resnet_synthetic_cls.pth":
+            raise ConfigError(
+                f"seed {seed} is the benchmark seed the packaged encoder was pretrained on; choose another "
+                "seed or other model.backbone_weights"
+            )
     return {
         "eca": load_config("synthetic", [*common, "name=eca"]),
         "baseline": load_config(
