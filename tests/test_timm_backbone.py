@@ -79,6 +79,7 @@ def test_attention_probe_matches_loop_reference() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="unknown timm model 'no_such_net'"):
         TimmBackbone("no_such_net")
+    assert TimmBackbone("test_resnet.r160_in1k").embed_dims == [32, 48, 192, 96]  # a tagged name
     with pytest.raises(ConfigError, match="output_stride"):
         TimmBackbone("test_resnet", output_stride=4)
     with pytest.raises(ConfigError, match="divisible"):

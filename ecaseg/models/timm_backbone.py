@@ -117,7 +117,7 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if attn_heads < 1:
             raise ConfigError(f"attn_heads must be >= 1, got {attn_heads}")
-        if name not in timm.list_models():
+        if not timm.is_model(name):  # architecture name, optionally with a pretrained tag (".a1_in1k")
             raise ConfigError(f"unknown timm model {name!r} (backbone 'timm:{name}'); see timm.list_models()")
         body = timm.create_model(name, features_only=True, output_stride=output_stride)
         if weights is not None:
