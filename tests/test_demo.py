@@ -24,11 +24,22 @@ def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
         "supervised_seg_miou",
         "ratio",
         "seconds",
+        "seg_miou_plain",
+        "baseline_seg_miou_plain",
+        "supervised_seg_miou_plain",
+        "ratio_plain",
     }
     assert keys <= set(metrics)
-    for key in keys - {"seconds", "ratio"}:
+    for key in keys - {"seconds", "ratio", "ratio_plain"}:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert math.isclose(metrics["ratio"], metrics["seg_miou"] / metrics["supervised_seg_miou"], rel_tol=1e-9)
+    assert math.isclose(
+        metrics["ratio_plain"],
+        metrics["seg_miou_plain"] / metrics["supervised_seg_miou_plain"],
+        rel_tol=1e-9,
+    )
+    # the paper's inference protocol of the synthetic config, recorded with the figures
+    assert metrics["protocol"] == {"scales": [0.75, 1.0, 1.25], "flip": True, "crf": True}
     report = (tmp_path / "report.md").read_text()
     assert "seg_miou" in report and "| mIoU" in report
     for figure in ("panels.png", "per_class_iou.png"):
@@ -49,6 +60,9 @@ def test_demo_overrides_reach_all_three_runs() -> None:
     # what sets the runs apart still applies on top of the overrides
     assert configs["supervised"].method.fully_supervised and not configs["eca"].method.fully_supervised
     assert not configs["baseline"].method.use_cce
+    # the baseline's decoder learns from CAM pseudo-labels even where ECA's learns from CARM's only
+    assert configs["baseline"].method.use_cam_seg and not configs["baseline"].method.use_carm_seg
+    assert not configs["eca"].method.use_cam_seg and configs["eca"].method.use_carm_seg
     with pytest.raises(ConfigError, match=r"method\.fg_cue"):
         demo_configs(0, quick=True, overrides=["method.fg_cue=maybe"])
 
