@@ -150,7 +150,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Inference settings (multi-scale + flip, dense CRF)."""
+    """Inference settings (multi-scale + flip, dense CRF).
+
+    ``scales`` is single-scale inference; ``msc_scales``, ``flip`` and ``crf`` together are the paper's
+    inference protocol (Sec. 4.1), which ``ecaseg demo`` applies to all three of its models. ``ecaseg
+    evaluate`` and ``predict`` choose with their flags (``--msc`` picks ``msc_scales``, ``--flip``, ``--crf``).
+    """
 
     scales: tuple[float, ...] = (1.0,)
     msc_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
