@@ -154,7 +154,8 @@ class EvalConfig:
 
     ``scales`` is single-scale inference; ``msc_scales``, ``flip`` and ``crf`` together are the paper's
     inference protocol (Sec. 4.1), which ``ecaseg demo`` applies to all three of its models. ``ecaseg
-    evaluate`` and ``predict`` choose with their flags (``--msc`` picks ``msc_scales``, ``--flip``, ``--crf``).
+    evaluate`` and ``predict`` choose with their flags (``--msc`` picks ``msc_scales``; ``--flip``;
+    ``--crf``).
     """
 
     scales: tuple[float, ...] = (1.0,)
