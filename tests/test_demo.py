@@ -40,6 +40,9 @@ def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
     )
     # the paper's inference protocol of the synthetic config, recorded with the figures
     assert metrics["protocol"] == {"scales": [0.75, 1.0, 1.25], "flip": True, "crf": True}
+    # the two protocols are two evaluations (equal figures would mean the protocol was ignored)
+    for prefix in ("", "baseline_", "supervised_"):
+        assert metrics[f"{prefix}seg_miou"] != metrics[f"{prefix}seg_miou_plain"], prefix
     report = (tmp_path / "report.md").read_text()
     assert "seg_miou" in report and "| mIoU" in report
     for figure in ("panels.png", "per_class_iou.png"):
