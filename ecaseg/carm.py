@@ -15,19 +15,25 @@ synchronise with the host.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecaseg._checks import check_finite, check_multi_hot, check_unit_range, fg_count_message, shape_str
 from ecaseg.cam import _no_autocast, background_cam, minmax_normalize
-from ecaseg.prototypes import MomentumPrototypes, _present_classes
+from ecaseg.dino_features import DINOFeatures
+from ecaseg.prototypes import MomentumPrototypes, _present_classes, calibrate_carm
 
 __all__ = [
     "FG_CUES",
     "CARMGenerator",
     "CARMOutput",
+    "DINOFeatures",
+    "FgCue",
     "affinity_graph",
     "contrast_cue",
     "foreground_cue",
@@ -128,8 +134,11 @@ def foreground_cue(cls_query: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor
         return torch.einsum("bd,bnd->bn", q, kk)
 
 
-FG_CUES: tuple[str, ...] = ("cls", "contrast", "none")
-"""Foreground cues of :class:`CARMGenerator`: Eq. (5) (paper), :func:`contrast_cue`, or none."""
+FgCue = Literal["cls", "contrast", "none"]
+"""Foreground cue of :class:`CARMGenerator`: Eq. (5) (paper), :func:`contrast_cue`, or none."""
+
+FG_CUES: tuple[FgCue, ...] = get_args(FgCue)
+"""The values of :data:`FgCue`."""
 
 
 def contrast_cue(keys: Tensor, eps: float = 1e-8) -> Tensor:
@@ -238,10 +247,10 @@ class CARMOutput:
     """Result of :class:`CARMGenerator`.
 
     Attributes:
-        carm: ``[B, K, h, w]`` calibrated CARM at the CAM grid, in ``[0, 1]`` (equal to ``carm_raw`` when
-            calibration is off); background at index 0, unlabelled classes zero.
-        carm_raw: ``[B, K, h, w]`` CARM before calibration (Eq. (7)), at the CAM grid.
-        seeds: ``[B, K, hd * wd]`` bool seeds on the DINO grid (Eq. (3)).
+        carm: ``[B, num_classes, h, w]`` calibrated CARM at the CAM grid, in ``[0, 1]`` (equal to
+            ``carm_raw`` when calibration is off); background at index 0, unlabelled classes zero.
+        carm_raw: ``[B, num_classes, h, w]`` CARM before calibration (Eq. (7)), at the CAM grid.
+        seeds: ``[B, num_classes, hd * wd]`` bool seeds on the DINO grid (Eq. (3)).
     """
 
     carm: Tensor
@@ -249,133 +258,241 @@ class CARMOutput:
     seeds: Tensor
 
 
+#: How far the aspect ratios of the CAM grid and of the DINO grid may differ (a swapped or foreign grid).
+_MAX_ASPECT_RATIO_DIFFERENCE = 1.5
+
+
 class CARMGenerator(nn.Module):
     """Semantic Affinity Exploitation (SAE): CAM seeds + DINO affinity -> calibrated CARM, Eq. (2)-(10).
 
-    Work is done on the DINO patch grid ``(hd, wd)`` and the result is brought back to the CAM grid
-    ``(h, w)``:
+    Call it as ``gen(cams, labels, dino, features=None)`` with ``dino = DINOAffinity(...)(images)``. Work is
+    done on the DINO patch grid ``(hd, wd)`` and the result is brought back to the CAM grid ``(h, w)``:
 
     1. the normalised foreground CAM is resampled to the DINO grid (bilinear when upsampling, area average
        when shrinking) and the background CAM is computed there (Eq. (2));
     2. seeds (Eq. (3)), graph (Eq. (4)), foreground cue (Eq. (5)) and CARM (Eq. (6)-(7)) on the DINO grid;
-    3. the caller's ``features`` (the trainer passes the backbone's detached stage-4 map) are resampled to
-       the DINO grid the same way, so the seeds index tokens directly: prototypes are updated with exactly
-       the seed sets ``Q_c`` (Eq. (8)) and the CARM is calibrated there (Eq. (9)-(10));
+    3. the prototype tokens are resampled to the DINO grid the same way, so the seeds index tokens directly:
+       prototypes are updated with exactly the seed sets ``Q_c`` (Eq. (8)) and the CARM is calibrated there
+       (Eq. (9)-(10)). The tokens are ``features`` when given (the trainer passes the segmentation
+       backbone's detached stage-4 map), else the DINO patch tokens ``dino.tokens``;
     4. raw and calibrated CARMs are area-averaged (or bilinearly upsampled) to the CAM grid and min-max
        normalised again per map.
 
-    Everything runs under :func:`torch.no_grad`.
+    Everything runs under :func:`torch.no_grad`. Prototype updates follow BatchNorm's convention: they
+    happen in training mode (``gen.train()``, the default of a new module) and not in eval mode, unless the
+    call says otherwise with ``update_prototypes``. With ``calibrate=False`` the prototypes are neither used
+    nor updated and no ``features`` are needed.
+
+    The input contract (docs, "Bring your own CAMs"): ``cams`` are *normalised foreground* CAMs in
+    ``[0, 1]`` with ``num_classes - 1`` channels (no background channel: it is computed, Eq. (2)); ``labels``
+    are 0/1 multi-hot ``[B, num_classes - 1]``. With ``validate=True`` (default) values are checked too
+    (finite, in range, 0/1), which reads values back to the host; training loops pass ``validate=False``.
 
     Args:
-        num_classes: ``K`` including background (21 for VOC).
-        feature_dim: Channels of ``features`` (prototype dimension).
+        num_classes: ``K``, background included (21 for VOC, 81 for COCO).
+        feature_dim: Channels of the prototype tokens: of ``features``, or of ``dino.tokens`` (e.g. 384
+            for ViT-S) when no features are passed. Required with ``calibrate=True``.
         k: Seed fraction of Eq. (3) (paper: 0.3).
         gamma: Graph threshold of Eq. (6) (paper: 0.15).
         momentum: Prototype momentum ``tau`` of Eq. (8) (the paper gives none; 0.9).
-        calibrate: Apply Eq. (9)-(10); ``False`` is the "w/o calibration" ablation (``carm == carm_raw``).
+        calibrate: Apply Eq. (8)-(10); ``False`` is the "w/o calibration" ablation (``carm == carm_raw``).
         clamp_fg_cue: Clamp the foreground cue at 0 (see :func:`region_maps`).
         fg_cue: The foreground cue ``I_fg`` of Eq. (7): ``"cls"``, the class-token cue of Eq. (5) (paper);
             ``"contrast"``, :func:`contrast_cue` (extension, for small in-domain ViTs whose class token does
             not attend to the objects, such as the packaged synthetic ViT; docs, "CARM" page); ``"none"``
-            drops it. ``cls_query`` is ignored unless ``"cls"``.
+            drops it.
+        validate: Check input values (see above); shapes are always checked.
 
     Example:
-        >>> gen = CARMGenerator(num_classes=3, feature_dim=4)
-        >>> out = gen(torch.rand(1, 2, 2, 2), torch.tensor([[1.0, 0.0]]), torch.randn(1, 16, 6),
-        ...           torch.randn(1, 6), (4, 4), torch.randn(1, 4, 2, 2))
+        >>> from ecaseg.dino_features import DINOFeatures
+        >>> gen = CARMGenerator(num_classes=3, feature_dim=6)
+        >>> dino = DINOFeatures(keys=torch.randn(1, 16, 6), cls_query=torch.randn(1, 6), grid=(4, 4),
+        ...                     tokens=torch.randn(1, 16, 6))
+        >>> out = gen(torch.rand(1, 2, 2, 2), torch.tensor([[1.0, 0.0]]), dino)
         >>> tuple(out.carm.shape), tuple(out.seeds.shape)
         ((1, 3, 2, 2), (1, 3, 16))
     """
 
+    prototypes: MomentumPrototypes | None
+
     def __init__(
         self,
         num_classes: int,
-        feature_dim: int,
+        feature_dim: int | None = None,
         k: float = 0.3,
         gamma: float = 0.15,
         momentum: float = 0.9,
         calibrate: bool = True,
         clamp_fg_cue: bool = True,
-        fg_cue: str = "cls",
+        fg_cue: FgCue = "cls",
+        validate: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes counts the background (21 for VOC) and must be an int >= 2, got {num_classes!r}"
+            )
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
+        if not math.isfinite(gamma):
+            raise ValueError(f"gamma must be finite, got {gamma}")
         if fg_cue not in FG_CUES:
             raise ValueError(f"fg_cue must be one of {FG_CUES}, got {fg_cue!r}")
+        if calibrate and feature_dim is None:
+            raise ValueError(
+                "feature_dim is required with calibrate=True: the channels of the features you pass, or of "
+                "the DINO patch tokens (384 for ViT-S) when you pass none"
+            )
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.k = k
         self.gamma = gamma
         self.calibrate = calibrate
         self.clamp_fg_cue = clamp_fg_cue
-        self.fg_cue = fg_cue
-        self.prototypes = MomentumPrototypes(num_classes, feature_dim, momentum)
+        self.fg_cue: FgCue = fg_cue
+        self.validate = validate
+        self.prototypes = (
+            MomentumPrototypes(num_classes, feature_dim, momentum, validate=validate)
+            if feature_dim is not None
+            else None
+        )
+
+    if TYPE_CHECKING:
+
+        def __call__(
+            self,
+            cams: Tensor,
+            labels: Tensor,
+            dino: DINOFeatures,
+            features: Tensor | None = None,
+            *,
+            update_prototypes: bool | None = None,
+        ) -> CARMOutput: ...
+
+    def _check_inputs(
+        self, cams: Tensor, labels: Tensor, dino: DINOFeatures, features: Tensor | None
+    ) -> None:
+        k = self.num_classes
+        if not isinstance(cams, Tensor) or cams.dim() != 4:
+            raise ValueError(
+                f"cams must be [B, num_classes - 1, h, w] = [B, {k - 1}, h, w] normalised foreground CAMs, "
+                f"got {shape_str(cams) if isinstance(cams, Tensor) else type(cams).__name__}"
+            )
+        if cams.shape[1] != k - 1:
+            raise ValueError("cams: " + fg_count_message(k, "CAM channels", cams.shape[1]))
+        batch = cams.shape[0]
+        if not isinstance(dino, DINOFeatures):
+            raise TypeError(
+                "dino must be the DINOFeatures that DINOAffinity(images) returns, got "
+                f"{type(dino).__name__}; with raw tensors use "
+                "ecaseg.dino_features.DINOFeatures(keys=..., cls_query=..., grid=(h, w))"
+            )
+        if dino.batch_size != batch:
+            raise ValueError(f"dino holds {dino.batch_size} images but cams hold {batch}")
+        if features is not None and (features.dim() != 4 or features.shape[0] != batch):
+            raise ValueError(
+                f"features must be [B, feature_dim, hf, wf] with B = {batch} (any grid), "
+                f"got {shape_str(features)}"
+            )
+        if features is not None and self.feature_dim is not None and features.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"features have {features.shape[1]} channels but feature_dim={self.feature_dim} "
+                f"(features {shape_str(features)})"
+            )
+        if not self.validate:
+            return
+        check_unit_range(cams, "cams")
+        check_multi_hot(labels, "labels")
+        check_finite(dino.keys, "dino.keys")
+        if self.fg_cue == "cls":
+            check_finite(dino.cls_query, "dino.cls_query")
+        if features is not None:
+            check_finite(features, "features")
+        (h, w), (hd, wd) = cams.shape[-2:], dino.grid
+        if abs(math.log((h / w) / (hd / wd))) > math.log(_MAX_ASPECT_RATIO_DIFFERENCE):
+            raise ValueError(
+                f"the CAM grid ({h}, {w}) and the DINO grid ({hd}, {wd}) have different aspect ratios; "
+                "dino must come from the same images as the CAMs (and grids are (height, width))"
+            )
+
+    def _tokens(self, dino: DINOFeatures, features: Tensor | None, grid: tuple[int, int]) -> Tensor:
+        """``[B, N, feature_dim]`` prototype tokens on the DINO grid."""
+        if features is None:
+            if dino.tokens is None:
+                raise ValueError(
+                    "calibration needs features: pass features=[B, feature_dim, h, w] or a DINOFeatures "
+                    "with tokens (DINOAffinity returns them)"
+                )
+            if dino.tokens.shape[-1] != self.feature_dim:
+                raise ValueError(
+                    "features=None uses the DINO patch tokens, which have "
+                    f"{dino.tokens.shape[-1]} channels, but feature_dim={self.feature_dim}; build "
+                    "CARMGenerator(..., "
+                    f"feature_dim={dino.tokens.shape[-1]}) or pass features"
+                )
+            if self.validate:
+                check_finite(dino.tokens, "dino.tokens")
+            return dino.tokens.detach().float()
+        return _resize(features.detach().float(), grid).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def forward(
         self,
         cams: Tensor,
         labels: Tensor,
-        keys: Tensor,
-        cls_query: Tensor,
-        dino_grid: tuple[int, int],
-        features: Tensor,
-        update_prototypes: bool = True,
+        dino: DINOFeatures,
+        features: Tensor | None = None,
+        *,
+        update_prototypes: bool | None = None,
     ) -> CARMOutput:
         """Compute the CARM of a batch.
 
         Args:
-            cams: ``[B, C, h, w]`` normalised foreground CAMs (absent classes are zeroed here anyway).
-            labels: ``[B, C]`` multi-hot labels.
-            keys: ``[B, hd * wd, D]`` DINO patch keys (row-major).
-            cls_query: ``[B, D]`` DINO class-token query.
-            dino_grid: ``(hd, wd)``.
-            features: ``[B, feature_dim, hf, wf]`` tokens for the prototypes and Eq. (9) (any grid).
-            update_prototypes: Run the Eq. (8) update before calibrating (all-reduced under DDP: every
-                rank must pass the same value).
+            cams: ``[B, num_classes - 1, h, w]`` normalised foreground CAMs in ``[0, 1]`` (no background
+                channel; absent classes are zeroed here anyway).
+            labels: ``[B, num_classes - 1]`` multi-hot (0/1) foreground labels.
+            dino: :class:`~ecaseg.dino_features.DINOFeatures` of the same images (keys, class query, grid,
+                tokens), as ``DINOAffinity(images)`` returns.
+            features: ``[B, feature_dim, hf, wf]`` tokens for the prototypes and Eq. (9) (any grid), or
+                ``None`` to use ``dino.tokens``; not needed with ``calibrate=False``.
+            update_prototypes: Run the Eq. (8) update before calibrating; ``None`` (default) updates in
+                training mode only. All-reduced under DDP: every rank must take the same decision.
 
         Returns:
-            :class:`CARMOutput`.
+            :class:`CARMOutput` with ``carm`` and ``carm_raw`` ``[B, num_classes, h, w]`` (background at
+            index 0) and ``seeds`` ``[B, num_classes, hd * wd]``.
         """
-        if cams.dim() != 4 or cams.shape[1] != self.num_classes - 1:
-            raise ValueError(f"cams must be [B, {self.num_classes - 1}, h, w], got {tuple(cams.shape)}")
+        self._check_inputs(cams, labels, dino, features)
         batch = cams.shape[0]
-        hd, wd = int(dino_grid[0]), int(dino_grid[1])
-        if keys.dim() != 3 or keys.shape[:2] != (batch, hd * wd):
-            raise ValueError(f"keys must be [B, hd*wd, D] = [{batch}, {hd * wd}, D], got {tuple(keys.shape)}")
-        if features.dim() != 4 or features.shape[:2] != (batch, self.feature_dim):
-            raise ValueError(
-                f"features must be [B, {self.feature_dim}, h, w] with B = {batch}, "
-                f"got {tuple(features.shape)}"
-            )
         present = _present_classes(labels, batch, self.num_classes)
+        hd, wd = dino.grid
         cam_hw = (cams.shape[-2], cams.shape[-1])
+        update = self.training if update_prototypes is None else bool(update_prototypes)
         with _no_autocast(cams.device):
             fg = _resize(cams.float() * present[:, 1:, None, None].float(), (hd, wd)).flatten(2)
             scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
             seeds = select_seeds(scores, labels, self.k)
-            graph = affinity_graph(keys)
+            graph = affinity_graph(dino.keys)
             cue: Tensor | None = None
             if self.fg_cue == "cls":
-                cue = foreground_cue(cls_query, keys)
+                cue = foreground_cue(dino.cls_query, dino.keys)
             elif self.fg_cue == "contrast":
-                cue = contrast_cue(keys)
+                cue = contrast_cue(dino.keys)
             carm_d = region_maps(seeds, graph, cue, self.gamma, self.clamp_fg_cue)
             carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
-            if not (self.calibrate or update_prototypes):
+            if not self.calibrate or self.prototypes is None:
                 return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)
-            tokens = _resize(features.detach().float(), (hd, wd)).flatten(2).transpose(1, 2)  # [B, N, Df]
-            if update_prototypes:
+            tokens = self._tokens(dino, features, (hd, wd))
+            if update:
                 self.prototypes.update(tokens, seeds)
-            if not self.calibrate:
-                return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)
-            calibrated = self.prototypes.calibrate(carm_d, tokens, labels)
+            calibrated = calibrate_carm(
+                carm_d, tokens, self.prototypes.prototypes, self.prototypes.initialized, labels
+            )
             carm = minmax_normalize(_resize(calibrated.view(batch, -1, hd, wd), cam_hw))
         return CARMOutput(carm=carm, carm_raw=carm_raw, seeds=seeds)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, k={self.k}, gamma={self.gamma}, calibrate={self.calibrate}, "
-            f"fg_cue={self.fg_cue!r}"
+            f"fg_cue={self.fg_cue!r}, validate={self.validate}"
         )

@@ -16,13 +16,15 @@ where ``M_i`` is the distribution over the C foreground classes made from patch 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ecaseg.data import view_sampling_grid
+from ecaseg._checks import check_finite, check_multi_hot, shape_str
+from ecaseg.geometry import view_sampling_grid
 
-__all__ = ["CCELoss", "cce_loss", "js_divergence", "local_view_labels", "pairwise_js"]
+__all__ = ["CCELoss", "cce_loss", "check_view_geometry", "js_divergence", "local_view_labels", "pairwise_js"]
 
 _LN2 = math.log(2.0)
 _TINY = 1e-12
@@ -116,16 +118,62 @@ def local_view_labels(
     return picked.flatten(2)
 
 
+def check_view_geometry(geometry: torch.Tensor, global_hw: tuple[int, int], tol: float = 1.0) -> None:
+    """Raise ``ValueError`` unless every view box lies inside the global image (one host synchronisation).
+
+    Catches the silent failure of a pseudo-label at CAM resolution with ``global_hw`` left out: the boxes,
+    in image pixels, then fall outside the label's small grid and every patch would be ignored.
+
+    Args:
+        geometry: ``[B, V, 5]`` boxes ``(y0, x0, h, w, flipped)`` in global-image pixels.
+        global_hw: ``(H, W)`` the boxes refer to.
+        tol: Tolerance in pixels.
+
+    Example:
+        >>> check_view_geometry(torch.tensor([[[0.0, 0.0, 8.0, 8.0, 0.0]]]), (4, 4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: geometry: view boxes reach (y, x) = (8, 8) from (0, 0) but global_hw is (4, 4) ...
+    """
+    if geometry.numel() == 0:
+        return
+    geo = geometry.detach().double()
+    y0, x0, bh, bw, flipped = geo.unbind(-1)
+    stats = torch.stack(
+        [
+            y0.min(),
+            x0.min(),
+            (y0 + bh).max(),
+            (x0 + bw).max(),
+            torch.minimum(bh, bw).min(),
+            ((flipped != 0) & (flipped != 1)).sum().double(),
+        ]
+    ).tolist()
+    ymin, xmin, ymax, xmax, side, bad_flip = stats
+    if side <= 0:
+        raise ValueError(f"geometry: view boxes need a positive height and width, got a side of {side:.4g}")
+    if bad_flip:
+        raise ValueError("geometry: the 5th value of each box (flipped) must be 0 or 1")
+    if ymin < -tol or xmin < -tol or ymax > global_hw[0] + tol or xmax > global_hw[1] + tol:
+        raise ValueError(
+            f"geometry: view boxes reach (y, x) = ({ymax:.4g}, {xmax:.4g}) from ({ymin:.4g}, {xmin:.4g}) but "
+            f"global_hw is ({global_hw[0]}, {global_hw[1]}) (default: global_label's size); pass "
+            "global_hw=(H, W), the size of the global image the boxes are expressed in"
+        )
+
+
 def cce_loss(
     local_cams: torch.Tensor,
     geometry: torch.Tensor,
     global_label: torch.Tensor,
+    *,
     global_hw: tuple[int, int] | None = None,
     labels: torch.Tensor | None = None,
-    max_patches: int = 256,
     generator: torch.Generator | None = None,
+    max_patches: int = 256,
     ignore_index: int = 255,
     temperature: float = 1.0,
+    validate: bool = True,
 ) -> torch.Tensor:
     """CAM correspondence loss, Eq. (11).
 
@@ -134,26 +182,32 @@ def cce_loss(
     At most ``max_patches`` patches with a valid label are drawn per view (uniformly, without replacement,
     via random scores + top-k on the CAM's device); all unordered pairs ``i < j`` among them are used.
     A view without positive (or negative) pairs contributes only the other term; a view without any
-    valid patch contributes 0. No host synchronisation.
+    valid patch contributes 0. No host synchronisation with ``validate=False``.
+
+    Everything after ``global_label`` is keyword-only, in the same order as :class:`CCELoss`'s call.
 
     Args:
-        local_cams: ``[B, V, C, h, w]`` raw CAMs of the local views (with grad).
+        local_cams: ``[B, V, C, h, w]`` raw CAMs of the local views (with grad), C = num_classes - 1
+            foreground classes.
         geometry: ``[B, V, 5]`` view boxes ``(y0, x0, h, w, flipped)`` in global-image pixels.
-        global_label: ``[B, Hl, Wl]`` long CAM pseudo-label of the global view (``ignore_index`` =
-            uncertain).
-        global_hw: ``(H, W)`` of the global image (default: ``global_label``'s size).
-        labels: optional ``[B, C]`` image-level labels.
-        max_patches: maximum number of patches per view entering the pairs (cost ``O(max_patches^2 C)``).
+        global_label: ``[B, Hl, Wl]`` long CAM pseudo-label of the global view, values in ``0..C``
+            (0 = background) or ``ignore_index`` (uncertain); any resolution.
+        global_hw: ``(H, W)`` of the global image the geometry refers to (default: ``global_label``'s
+            size). Required when the label is at another resolution than the image (e.g. the CAM grid).
+        labels: optional ``[B, C]`` multi-hot image-level labels.
         generator: optional ``torch.Generator`` (on the CAMs' device) for the patch sampling.
+        max_patches: maximum number of patches per view entering the pairs (cost ``O(max_patches^2 C)``).
         ignore_index: label of uncertain pixels.
         temperature: softmax temperature of the patch distributions.
+        validate: check values (finite CAMs, 0/1 labels, label values, boxes inside ``global_hw``); this
+            reads values back to the host. Shapes are always checked.
 
     Returns:
         scalar loss (float32): the sum over views of Eq. (11)'s per-view terms, averaged over the batch.
 
     Example:
         >>> cams = torch.zeros(1, 1, 2, 1, 2)
-        >>> cams[0, 0, 0, 0, 0] = 50.0  # left patch: class 0, right patch: uniform
+        >>> cams[0, 0, 0, 0, 0] = 50.0  # left patch: class 1, right patch: uniform
         >>> geo = torch.tensor([[[0.0, 0.0, 1.0, 2.0, 0.0]]])
         >>> round(float(cce_loss(cams, geo, torch.tensor([[[1, 0]]]))), 4)  # one negative pair
         0.3113
@@ -163,8 +217,34 @@ def cce_loss(
     b, v, c, h, w = local_cams.shape
     if geometry.shape != (b, v, 5):
         raise ValueError(f"geometry must be [B={b}, V={v}, 5], got {tuple(geometry.shape)}")
+    if not isinstance(global_label, torch.Tensor) or global_label.dim() != 3 or global_label.shape[0] != b:
+        got = (
+            shape_str(global_label) if isinstance(global_label, torch.Tensor) else type(global_label).__name__
+        )
+        raise ValueError(f"global_label must be a [B={b}, H, W] label map, got {got}")
+    if global_label.is_floating_point():
+        raise ValueError(
+            f"global_label must hold integer class indices (0..{c}, {ignore_index}), "
+            f"got {global_label.dtype}; pass the pseudo-label map, not scores"
+        )
     if labels is not None and labels.shape != (b, c):
-        raise ValueError(f"labels must be [B={b}, C={c}], got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be [B={b}, C={c}] multi-hot foreground labels, got {tuple(labels.shape)}"
+        )
+    if global_hw is not None and (len(global_hw) != 2 or min(int(global_hw[0]), int(global_hw[1])) < 1):
+        raise ValueError(f"global_hw must be (H, W) with positive sides, got {global_hw!r}")
+    ghw = (global_label.shape[1], global_label.shape[2]) if global_hw is None else global_hw
+    if validate:
+        check_finite(local_cams, "local_cams")
+        if labels is not None:
+            check_multi_hot(labels, "labels")
+        bad = (global_label != ignore_index) & ((global_label < 0) | (global_label > c))
+        if bool(bad.any()):
+            raise ValueError(
+                f"global_label holds values outside 0..{c} and ignore_index={ignore_index}, e.g. "
+                f"{int(global_label[bad][0])}; with C={c} foreground classes, 0 is the background"
+            )
+        check_view_geometry(geometry, (int(ghw[0]), int(ghw[1])))
     if max_patches < 2:
         raise ValueError(f"max_patches must be >= 2, got {max_patches}")
     n = h * w
@@ -172,7 +252,7 @@ def cce_loss(
     if labels is not None:
         cams = cams * labels.to(cams)[:, None, :, None, None]
     prob = (cams / temperature).softmax(dim=2).flatten(3).transpose(2, 3)  # [B, V, N, C]
-    lab = local_view_labels(global_label, geometry, (h, w), global_hw, ignore_index).to(cams.device)
+    lab = local_view_labels(global_label, geometry, (h, w), ghw, ignore_index).to(cams.device)
     valid = lab != ignore_index
     if max_patches < n:
         scores = torch.rand(b, v, n, device=cams.device, generator=generator)
@@ -194,12 +274,13 @@ def cce_loss(
 
 
 class CCELoss(nn.Module):
-    """Module wrapper of :func:`cce_loss` (Eq. (11)).
+    """Module form of :func:`cce_loss` (Eq. (11)); the call takes the same arguments in the same order.
 
     Args:
         max_patches: maximum number of patches per view entering the pairs.
         ignore_index: label of uncertain pixels.
         temperature: softmax temperature of the patch distributions.
+        validate: check input values (see :func:`cce_loss`).
 
     Example:
         >>> loss = CCELoss(max_patches=16)
@@ -209,32 +290,66 @@ class CCELoss(nn.Module):
         0
     """
 
-    def __init__(self, max_patches: int = 256, ignore_index: int = 255, temperature: float = 1.0) -> None:
+    def __init__(
+        self, max_patches: int = 256, ignore_index: int = 255, temperature: float = 1.0, validate: bool = True
+    ) -> None:
         super().__init__()
+        if max_patches < 2:
+            raise ValueError(f"max_patches must be >= 2, got {max_patches}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.max_patches = max_patches
         self.ignore_index = ignore_index
         self.temperature = temperature
+        self.validate = validate
+
+    if TYPE_CHECKING:
+
+        def __call__(
+            self,
+            local_cams: torch.Tensor,
+            geometry: torch.Tensor,
+            global_label: torch.Tensor,
+            *,
+            global_hw: tuple[int, int] | None = None,
+            labels: torch.Tensor | None = None,
+            generator: torch.Generator | None = None,
+        ) -> torch.Tensor: ...
 
     def forward(
         self,
         local_cams: torch.Tensor,
         geometry: torch.Tensor,
         global_label: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        *,
         global_hw: tuple[int, int] | None = None,
+        labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """See :func:`cce_loss`."""
+        """Eq. (11) for a batch of local views (see :func:`cce_loss`).
+
+        Args:
+            local_cams: ``[B, V, C, h, w]`` raw CAMs of the local views, C = num_classes - 1.
+            geometry: ``[B, V, 5]`` view boxes ``(y0, x0, h, w, flipped)`` in global-image pixels.
+            global_label: ``[B, Hl, Wl]`` long pseudo-label of the global view (``ignore_index`` uncertain).
+            global_hw: ``(H, W)`` of the global image (default: ``global_label``'s size).
+            labels: optional ``[B, C]`` multi-hot labels.
+            generator: optional ``torch.Generator`` for the patch sampling.
+
+        Returns:
+            Scalar loss.
+        """
         return cce_loss(
             local_cams,
             geometry,
             global_label,
             global_hw=global_hw,
             labels=labels,
-            max_patches=self.max_patches,
             generator=generator,
+            max_patches=self.max_patches,
             ignore_index=self.ignore_index,
             temperature=self.temperature,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:

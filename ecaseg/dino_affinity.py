@@ -5,7 +5,8 @@ and the *query* of the class token in the last self-attention block of a frozen 
 concatenated. This module builds such a ViT with timm, loads the official weights of each family of the
 paper's Table 5 strictly, and returns those tensors together with the final normalised patch tokens.
 
-Layout: ``ecaseg.dino_affinity`` sits at the model layer; it imports only ``ecaseg.errors``, torch and timm.
+Layout: ``ecaseg.dino_affinity`` sits at the model layer; it imports only ``ecaseg.errors``,
+``ecaseg.dino_features``, torch and timm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import timm
 import torch
@@ -24,6 +25,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ecaseg.dino_features import DINOFeatures
 from ecaseg.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "convert_state_dict",
     "extract_features",
     "fit_to_patch",
+    "list_variants",
     "load_vit_weights",
     "packaged_weights",
     "read_checkpoint",
@@ -252,23 +255,109 @@ def packaged_weights(name: str) -> Path:
 def register_variant(name: str, variant: DINOVariant, *, overwrite: bool = False) -> None:
     """Add a user model to :data:`DINO_VARIANTS` so that ``DINOAffinity(name)`` can build it.
 
+    The variant is built first (on the ``meta`` device: no memory, no weights) and checked against what it
+    declares; a variant that cannot be built raises and leaves the registry as it was.
+
     Args:
         name: Registry name.
         variant: Its description.
         overwrite: Replace an existing entry of the same name instead of raising.
 
     Raises:
-        ConfigError: If ``name`` is taken and ``overwrite`` is False.
+        ConfigError: If ``name`` is taken and ``overwrite`` is False, or the variant cannot be built.
+
+    Example:
+        >>> register_variant("my_nano", DINOVariant(family="custom", patch_size=8, embed_dim=96,
+        ...     num_heads=3, depth=2, model_kwargs={"patch_size": 8, "embed_dim": 96, "depth": 2,
+        ...     "num_heads": 3}))
+        >>> "my_nano" in list_variants()
+        True
+        >>> _ = DINO_VARIANTS.pop("my_nano")
     """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a DINO variant name must be a non-empty string, got {name!r}")
+    if not isinstance(variant, DINOVariant):
+        raise ConfigError(f"variant must be a DINOVariant, got {type(variant).__name__}")
     if name in DINO_VARIANTS and not overwrite:
         raise ConfigError(f"DINO variant {name!r} is already registered (pass overwrite=True to replace it)")
+    try:
+        with torch.device("meta"):
+            build_vit(variant)
+    except ConfigError as err:
+        raise ConfigError(f"cannot register DINO variant {name!r}: {err}") from None
+    except Exception as err:
+        raise ConfigError(
+            f"cannot register DINO variant {name!r}: building it failed ({type(err).__name__}: {err})"
+        ) from None
     DINO_VARIANTS[name] = variant
 
 
+def list_variants() -> list[str]:
+    """Names accepted by ``DINOAffinity(name)`` from the registry, sorted.
+
+    timm names are accepted too: ``"vit_small_patch8_224.dino"`` (a registered variant's timm tag) or any
+    timm ViT name with a class token (``"vit_small_patch14_reg4_dinov2.lvd142m"``).
+
+    Example:
+        >>> "dino_vits8" in list_variants()
+        True
+    """
+    return sorted(DINO_VARIANTS)
+
+
+def _variant_from_vit(vit: nn.Module, what: str, **fields: Any) -> DINOVariant:
+    """Describe a built timm ViT (patch, width, heads, depth, registers) as a variant."""
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(f"{what} is a {type(vit).__name__}, expected a timm VisionTransformer")
+    patch = vit.patch_embed.patch_size
+    patch_hw = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if patch_hw[0] != patch_hw[1]:
+        raise ConfigError(f"{what} has non-square patches {patch_hw}; square patches are supported")
+    heads = getattr(getattr(vit.blocks[-1], "attn", None), "num_heads", None)
+    if not isinstance(heads, int):
+        raise ConfigError(f"{what}: the last block has no attention with num_heads")
+    fields.setdefault("family", "custom")
+    return DINOVariant(
+        patch_size=int(patch_hw[0]),
+        embed_dim=int(vit.embed_dim),
+        num_heads=heads,
+        depth=len(vit.blocks),
+        num_reg_tokens=int(vit.num_reg_tokens),
+        **fields,
+    )
+
+
+def _split_tag(name: str) -> tuple[str, str | None]:
+    base, _, tag = name.partition(".")
+    return base, (tag or None)
+
+
 def _get_variant(name: str) -> DINOVariant:
-    if name not in DINO_VARIANTS:
-        raise ConfigError(f"unknown DINO variant {name!r}; valid names: {', '.join(sorted(DINO_VARIANTS))}")
-    return DINO_VARIANTS[name]
+    """The variant of a registry name, of a registered variant's timm tag, or of any timm ViT name."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"name must be a DINO variant name (see ecaseg.dino_affinity.list_variants()), got a "
+            f"{type(name).__name__}; wrap your own ViT instance with DINOAffinity.from_model(vit)"
+        )
+    if name in DINO_VARIANTS:
+        return DINO_VARIANTS[name]
+    for variant in DINO_VARIANTS.values():
+        if variant.hub_tag is not None and variant.hub_tag == name:
+            return variant
+    base, tag = _split_tag(name)
+    if timm.is_model(base):
+        try:
+            with torch.device("meta"):
+                vit = timm.create_model(base, pretrained=False, num_classes=0, dynamic_img_size=True)
+        except Exception as err:
+            raise ConfigError(f"timm model {base!r} cannot serve as the affinity ViT: {err}") from None
+        variant = _variant_from_vit(vit, f"timm model {base!r}", arch=base, hub_tag=name if tag else None)
+        _check_built(vit, variant, f"timm model {base!r}")
+        return variant
+    raise ConfigError(
+        f"unknown DINO variant {name!r}; registered names: {', '.join(list_variants())}; "
+        "timm ViT names (with or without a pretrained tag, e.g. 'vit_small_patch8_224.dino') work too"
+    )
 
 
 def _check_built(model: nn.Module, variant: DINOVariant, what: str) -> VisionTransformer:
@@ -532,24 +621,6 @@ def load_vit_weights(model: VisionTransformer, weights: WeightsLike) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DINOFeatures:
-    """What the frozen ViT returns for a batch (float32, no gradient).
-
-    Attributes:
-        keys: ``[B, N, D]`` keys of the N patches in the last block, all heads concatenated (Eq. 4),
-            patches in row-major order.
-        cls_query: ``[B, D]`` query of the class token in the last block, heads concatenated (Eq. 5).
-        tokens: ``[B, N, D]`` final normalised patch tokens (output of the ViT's last norm).
-        grid: ``(h, w)`` patch grid, ``N = h * w``.
-    """
-
-    keys: Tensor
-    cls_query: Tensor
-    tokens: Tensor
-    grid: tuple[int, int]
-
-
 def fit_to_patch(images: Tensor, patch_size: int, resize: bool = True) -> Tensor:
     """Make the image size a multiple of the patch size.
 
@@ -625,11 +696,34 @@ def extract_features(vit: VisionTransformer, images: Tensor) -> DINOFeatures:
     return DINOFeatures(keys=k[:, n_prefix:], cls_query=q[:, 0], tokens=x[:, n_prefix:], grid=(h, w))
 
 
+def _enable_dynamic_size(vit: VisionTransformer) -> None:
+    """Turn on timm's ``dynamic_img_size`` on a built ViT (what the constructor flag sets up)."""
+    if getattr(vit, "dynamic_img_size", False):
+        return
+    from timm.layers import Format
+
+    pe: Any = vit.patch_embed
+    if not hasattr(pe, "output_fmt") or not hasattr(pe, "strict_img_size"):
+        raise ConfigError(
+            f"the ViT's patch embedding ({type(pe).__name__}) cannot take other image sizes; build the "
+            "model with dynamic_img_size=True"
+        )
+    pe.strict_img_size = False
+    pe.flatten = False
+    pe.output_fmt = Format.NHWC
+    vit.dynamic_img_size = True
+
+
 class DINOAffinity(nn.Module):
     """Frozen ViT (DINO by default) returning the keys / class query of Eq. (4) and (5) and patch tokens.
 
     The module is always in eval mode (``train()`` is a no-op), its parameters have ``requires_grad=False``
-    and ``forward`` runs under ``torch.no_grad`` with bf16 autocast on CUDA. Outputs are float32.
+    and ``forward`` runs under ``torch.no_grad`` with bf16 autocast on CUDA. Outputs are float32
+    :class:`~ecaseg.dino_features.DINOFeatures`, the object :class:`~ecaseg.carm.CARMGenerator` takes.
+
+    Which ViT: a name of :func:`list_variants` (the paper's Table 5 and test models), a timm name (with or
+    without a pretrained tag, e.g. ``"vit_small_patch8_224.dino"``), or your own timm ``VisionTransformer``
+    instance via :meth:`from_model` (``DINOAffinity(vit)`` does the same).
 
     Weights (never silently random):
 
@@ -642,7 +736,7 @@ class DINOAffinity(nn.Module):
     * ``allow_random_init=True`` with ``weights=None``: random weights (tests, synthetic runs only).
 
     Args:
-        name: Key of :data:`DINO_VARIANTS`.
+        name: A name of :func:`list_variants`, a timm ViT name, or a timm ``VisionTransformer`` instance.
         weights: Checkpoint path or state dict, or None (see above).
         allow_random_init: Permit random weights when ``weights`` is None (no download is attempted).
         resize_to_patch: Resize inputs whose size is not a multiple of the patch (see :func:`fit_to_patch`);
@@ -658,7 +752,7 @@ class DINOAffinity(nn.Module):
 
     def __init__(
         self,
-        name: str = "dino_vits8",
+        name: str | VisionTransformer = "dino_vits8",
         weights: WeightsLike | None = None,
         allow_random_init: bool = False,
         *,
@@ -666,20 +760,31 @@ class DINOAffinity(nn.Module):
         autocast: bool = True,
     ) -> None:
         super().__init__()
-        variant = _get_variant(name)
-        self.name = name
-        self.variant = variant
         self.resize_to_patch = resize_to_patch
         self.autocast = autocast
-        if weights is None and variant.default_weights is not None:
-            weights = packaged_weights(name)
-        if weights is not None:
-            vit = build_vit(variant)
-            load_vit_weights(vit, weights)
-        elif allow_random_init:
-            vit = build_vit(variant)
+        if isinstance(name, nn.Module):
+            if weights is not None or allow_random_init:
+                raise ConfigError(
+                    "DINOAffinity(vit) wraps the instance with its own weights; load weights into it first "
+                    "(weights= and allow_random_init= apply to variant names only)"
+                )
+            variant = _variant_from_vit(name, "the model passed to DINOAffinity")
+            vit = _check_built(name, variant, f"the {type(name).__name__} passed to DINOAffinity")
+            _enable_dynamic_size(vit)
+            self.name = f"custom:{type(name).__name__}"
         else:
-            vit = self._from_hub(name, variant)
+            variant = _get_variant(name)
+            self.name = name
+            if weights is None and variant.default_weights is not None:
+                weights = packaged_weights(name)
+            if weights is not None:
+                vit = build_vit(variant)
+                load_vit_weights(vit, weights)
+            elif allow_random_init:
+                vit = build_vit(variant)
+            else:
+                vit = self._from_hub(name, variant)
+        self.variant = variant
         for blk in vit.blocks:
             if hasattr(blk.attn, "fused_attn"):
                 blk.attn.fused_attn = True  # always F.scaled_dot_product_attention
@@ -689,6 +794,46 @@ class DINOAffinity(nn.Module):
         self.embed_dim = variant.embed_dim
         self.num_heads = variant.num_heads
         super().train(False)
+
+    @classmethod
+    def from_model(
+        cls, vit: VisionTransformer, *, resize_to_patch: bool = True, autocast: bool = True
+    ) -> DINOAffinity:
+        """Wrap your own timm ``VisionTransformer`` instance, with its weights, as the affinity ViT.
+
+        The instance is used as it is (not copied): any patch size, any width and depth, with or without
+        register tokens (dropped from the patch set), ``q_norm`` / ``k_norm`` applied when it has them. It
+        must have a class token (Eq. (5) uses its query) and a fused ``qkv`` projection in the last block.
+        Wrapping freezes it (``requires_grad_(False)``, eval mode), makes its attention use
+        ``F.scaled_dot_product_attention`` and turns on timm's dynamic image size (position embeddings
+        resampled to the input's grid; outputs at its native size are unchanged), exactly as the registered
+        variants are set up, so the keys and class query equal theirs for the same weights.
+
+        Args:
+            vit: A timm ``VisionTransformer`` (e.g. ``timm.create_model("vit_small_patch14_dinov2")``
+                with your weights loaded).
+            resize_to_patch: See :class:`DINOAffinity`.
+            autocast: See :class:`DINOAffinity`.
+
+        Returns:
+            The wrapper; ``wrapper.vit is vit``.
+
+        Raises:
+            ConfigError: If ``vit`` is not a timm ViT with a class token and a fused ``qkv``.
+
+        Example:
+            >>> import timm
+            >>> vit = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, embed_dim=48,
+            ...                         num_heads=3, reg_tokens=2)
+            >>> dino = DINOAffinity.from_model(vit)
+            >>> dino.vit is vit, dino(torch.zeros(1, 3, 32, 48)).grid
+            (True, (2, 3))
+        """
+        return cls(vit, resize_to_patch=resize_to_patch, autocast=autocast)
+
+    if TYPE_CHECKING:
+
+        def __call__(self, images: Tensor) -> DINOFeatures: ...
 
     @staticmethod
     def _from_hub(name: str, variant: DINOVariant) -> VisionTransformer:

@@ -14,9 +14,12 @@ meaningless).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from ecaseg._checks import check_finite, fg_count_message
 from ecaseg.cam import _no_autocast, minmax_normalize
 from ecaseg.utils.dist import all_reduce_sum
 
@@ -29,12 +32,14 @@ __all__ = [
 
 
 def _present_classes(labels: Tensor, batch: int, num_classes: int) -> Tensor:
-    """``[B, C]`` multi-hot -> ``[B, K]`` bool with background (index 0) always present."""
-    if labels.dim() != 2 or labels.shape[0] != batch or labels.shape[1] != num_classes - 1:
+    """``[B, K - 1]`` multi-hot -> ``[B, K]`` bool with background (index 0) always present."""
+    if labels.dim() != 2 or labels.shape[0] != batch:
         raise ValueError(
-            f"labels must be [B, C] = [{batch}, {num_classes - 1}] (foreground only), "
-            f"got {tuple(labels.shape)}"
+            f"labels must be [B, num_classes - 1] = [{batch}, {num_classes - 1}] multi-hot foreground "
+            f"labels, got {tuple(labels.shape)}"
         )
+    if labels.shape[1] != num_classes - 1:
+        raise ValueError("labels: " + fg_count_message(num_classes, "label columns", labels.shape[1]))
     bg = torch.ones(batch, 1, dtype=torch.bool, device=labels.device)
     return torch.cat([bg, labels > 0], dim=1)
 
@@ -55,6 +60,10 @@ def prototype_momentum_update(
     (starting from zeros would only shrink the first estimate). Classes without seeds are unchanged. With
     ``sync=True`` and torch.distributed initialised, per-class sums and counts are summed over processes
     first, so every rank computes identical prototypes. No host synchronisation.
+
+    State cannot be poisoned: a class whose seeds fall on a non-finite token (NaN or inf), on any process,
+    is left unchanged for this update (decided on the device, no host synchronisation); the other classes
+    are updated as usual.
 
     Args:
         prototypes: ``[K, D]`` current prototypes.
@@ -89,14 +98,18 @@ def prototype_momentum_update(
         raise ValueError(f"seeds must be [B, K, N] = [{batch}, {num_classes}, {n}], got {tuple(seeds.shape)}")
     with _no_autocast(tokens.device):
         s = seeds.float()
+        t = tokens.detach().float()
+        finite = torch.isfinite(t).all(dim=-1)  # [B, N]
+        t = torch.where(finite.unsqueeze(-1), t, torch.zeros_like(t))  # a NaN must not leak through 0 * NaN
+        bad = torch.einsum("bkn,bn->k", s, (~finite).float())  # seeds of each class on non-finite tokens
         stats = torch.cat(
-            [torch.einsum("bkn,bnd->kd", s, tokens.detach().float()), s.sum(dim=(0, 2)).unsqueeze(1)], dim=1
+            [torch.einsum("bkn,bnd->kd", s, t), s.sum(dim=(0, 2)).unsqueeze(1), bad.unsqueeze(1)], dim=1
         )
         if sync:
-            all_reduce_sum(stats)
-        sums, counts = stats[:, :dim], stats[:, dim]
-        has = counts > 0
+            all_reduce_sum(stats)  # every rank then skips the same classes
+        sums, counts, bad = stats[:, :dim], stats[:, dim], stats[:, dim + 1]
         mean = sums / counts.clamp_min(1.0).unsqueeze(1)
+        has = (counts > 0) & (bad == 0) & torch.isfinite(mean).all(dim=1)
         old = prototypes.float()
         moved = torch.where(initialized.unsqueeze(1), momentum * old + (1.0 - momentum) * mean, mean)
         new = torch.where(has.unsqueeze(1), moved, old)
@@ -186,12 +199,16 @@ class MomentumPrototypes(nn.Module):
 
     State lives in buffers (saved in ``state_dict``): ``prototypes`` ``[K, dim]`` float32 and
     ``initialized`` ``[K]`` bool. :meth:`update` all-reduces per-class sums and counts under
-    torch.distributed, so all ranks hold identical prototypes.
+    torch.distributed, so all ranks hold identical prototypes. The state cannot be poisoned: a non-finite
+    token never reaches it (see :func:`prototype_momentum_update`), and :meth:`load_state_dict` refuses
+    non-finite prototypes.
 
     Args:
         num_classes: ``K``, background included (21 for VOC).
         dim: Token dimension.
         momentum: ``tau`` of Eq. (8); the paper gives no value, 0.9 is the default (see the docs).
+        validate: Check the values of the inputs of :meth:`calibrate` (finite features); ``False`` skips
+            the checks that synchronise with the host (shapes are always checked).
 
     Example:
         >>> protos = MomentumPrototypes(num_classes=3, dim=4)
@@ -205,7 +222,7 @@ class MomentumPrototypes(nn.Module):
     prototypes: Tensor
     initialized: Tensor
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9) -> None:
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, validate: bool = True) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
@@ -216,14 +233,21 @@ class MomentumPrototypes(nn.Module):
         self.num_classes = num_classes
         self.dim = dim
         self.momentum = momentum
+        self.validate = validate
         self.register_buffer("prototypes", torch.zeros(num_classes, dim))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
 
+    if TYPE_CHECKING:
+
+        def __call__(self, carm: Tensor, features: Tensor, labels: Tensor) -> Tensor: ...
+
     @torch.no_grad()
     def update(self, tokens: Tensor, seeds: Tensor) -> None:
-        """In-place Eq. (8) update from ``tokens`` ``[B, N, dim]`` at ``seeds`` ``[B, K, N]`` (bool).
+        """In-place Eq. (8) update (see :func:`prototype_momentum_update`).
 
-        See :func:`prototype_momentum_update`.
+        Args:
+            tokens: ``[B, N, dim]`` tokens ``t_i``.
+            seeds: ``[B, num_classes, N]`` bool seed masks (background first).
         """
         new, init = prototype_momentum_update(
             self.prototypes, self.initialized, tokens, seeds, self.momentum, sync=True
@@ -232,12 +256,46 @@ class MomentumPrototypes(nn.Module):
         self.initialized.copy_(init)
 
     def calibrate(self, carm: Tensor, features: Tensor, labels: Tensor) -> Tensor:
-        """Calibrated CARM ``[B, K, N]`` (Eq. (9)-(10)); see :func:`calibrate_carm`."""
+        """Calibrated CARM, Eq. (9)-(10) (see :func:`calibrate_carm`).
+
+        Args:
+            carm: ``[B, num_classes, N]`` CARMs, background at index 0.
+            features: ``[B, N, dim]`` tokens ``F`` on the same ``N`` positions.
+            labels: ``[B, num_classes - 1]`` multi-hot foreground labels.
+
+        Returns:
+            ``[B, num_classes, N]`` float32 in ``[0, 1]``.
+        """
+        if self.validate:
+            check_finite(features, "features")
+            check_finite(carm, "carm")
         return calibrate_carm(carm, features, self.prototypes, self.initialized, labels)
 
     def forward(self, carm: Tensor, features: Tensor, labels: Tensor) -> Tensor:
-        """Same as :meth:`calibrate`."""
+        """Same as :meth:`calibrate`.
+
+        Args:
+            carm: ``[B, num_classes, N]`` CARMs, background at index 0.
+            features: ``[B, N, dim]`` tokens.
+            labels: ``[B, num_classes - 1]`` multi-hot foreground labels.
+
+        Returns:
+            ``[B, num_classes, N]`` calibrated CARMs.
+        """
         return self.calibrate(carm, features, labels)
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        value = state_dict.get(prefix + "prototypes")
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"state_dict key {prefix}prototypes holds non-finite values (NaN or inf); "
+                "refusing to load poisoned prototypes"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}"

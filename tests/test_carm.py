@@ -20,6 +20,7 @@ from ecaseg.carm import (
     region_maps,
     select_seeds,
 )
+from ecaseg.dino_features import DINOFeatures
 from ecaseg.prototypes import calibrate_carm, prototype_momentum_update
 
 
@@ -180,6 +181,10 @@ def test_region_maps_bf16_autocast_counts_exact() -> None:
     torch.testing.assert_close(out, ref)
 
 
+def _dino(keys: torch.Tensor, query: torch.Tensor, grid: tuple[int, int]) -> DINOFeatures:
+    return DINOFeatures(keys=keys, cls_query=query, grid=grid)
+
+
 def _inputs(gen: torch.Generator, b: int, c: int, cam_hw, dino_hw, feat_hw, df: int = 6, d: int = 8):
     cams = torch.rand(b, c, *cam_hw, generator=gen)
     labels = _labels(gen, b, c)
@@ -201,7 +206,7 @@ def test_carm_generator_shapes_and_properties(cam_hw, dino_hw, feat_hw) -> None:
     cams.requires_grad_(True)
     feats.requires_grad_(True)
     module = CARMGenerator(num_classes=c + 1, feature_dim=6)
-    out = module(cams, labels, keys, query, dino_hw, feats)
+    out = module(cams, labels, _dino(keys, query, dino_hw), feats)
     assert isinstance(out, CARMOutput)
     assert out.carm.shape == (b, c + 1, *cam_hw) and out.carm_raw.shape == (b, c + 1, *cam_hw)
     assert out.seeds.shape == (b, c + 1, dino_hw[0] * dino_hw[1]) and out.seeds.dtype == torch.bool
@@ -221,7 +226,7 @@ def test_carm_generator_equals_composed_functions_on_one_grid() -> None:
     module = CARMGenerator(num_classes=c + 1, feature_dim=6, k=0.5, gamma=0.1, momentum=0.8)
     before = module.prototypes.prototypes.clone()
     init_before = module.prototypes.initialized.clone()
-    out = module(cams, labels, keys, query, hw, feats)
+    out = module(cams, labels, _dino(keys, query, hw), feats)
 
     scores = with_background(cams.flatten(2))
     seeds = select_seeds(scores, labels, 0.5)
@@ -239,13 +244,13 @@ def test_carm_generator_switches() -> None:
     gen = torch.Generator().manual_seed(11)
     cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (8, 8), (4, 4))
     module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False)
-    out = module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
+    out = module(cams, labels, _dino(keys, query, (8, 8)), feats, update_prototypes=False)
     assert torch.equal(out.carm, out.carm_raw)
     assert not module.prototypes.initialized.any()
     module.calibrate = True
-    module(cams, labels, keys, query, (8, 8), feats, update_prototypes=True)
+    module(cams, labels, _dino(keys, query, (8, 8)), feats, update_prototypes=True)
     state = module.prototypes.prototypes.clone()
-    module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
+    module(cams, labels, _dino(keys, query, (8, 8)), feats, update_prototypes=False)
     assert torch.equal(module.prototypes.prototypes, state)
 
 
@@ -254,11 +259,11 @@ def test_carm_generator_without_class_cue_ignores_the_class_token(cue: str) -> N
     gen = torch.Generator().manual_seed(13)
     cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (8, 8), (4, 4))
     module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, fg_cue=cue)
-    out = module(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
-    other = module(cams, labels, keys, torch.randn_like(query), (8, 8), feats, update_prototypes=False)
+    out = module(cams, labels, _dino(keys, query, (8, 8)), feats, update_prototypes=False)
+    other = module(cams, labels, _dino(keys, torch.randn_like(query), (8, 8)), feats, update_prototypes=False)
     torch.testing.assert_close(out.carm_raw, other.carm_raw)
     with_cue = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False)
-    ref = with_cue(cams, labels, keys, query, (8, 8), feats, update_prototypes=False)
+    ref = with_cue(cams, labels, _dino(keys, query, (8, 8)), feats, update_prototypes=False)
     assert not torch.allclose(out.carm_raw[:, 1:], ref.carm_raw[:, 1:])
     assert f"fg_cue={cue!r}" in repr(module)
 
@@ -302,7 +307,7 @@ def test_carm_generator_contrast_cue_matches_region_maps() -> None:
     gen = torch.Generator().manual_seed(23)
     cams, labels, keys, query, feats = _inputs(gen, 2, 3, (4, 4), (4, 4), (4, 4))
     module = CARMGenerator(num_classes=4, feature_dim=6, calibrate=False, gamma=0.1, fg_cue="contrast")
-    out = module(cams, labels, keys, query, (4, 4), feats, update_prototypes=False)
+    out = module(cams, labels, _dino(keys, query, (4, 4)), feats, update_prototypes=False)
     seeds = out.seeds
     ref = region_maps(seeds, affinity_graph(keys), contrast_cue(keys), 0.1).view(2, 4, 4, 4)
     torch.testing.assert_close(out.carm_raw, ref)
@@ -314,9 +319,9 @@ def test_carm_generator_bad_shapes() -> None:
     gen = torch.Generator().manual_seed(12)
     cams, labels, keys, query, feats = _inputs(gen, 1, 3, (4, 4), (8, 8), (4, 4))
     module = CARMGenerator(num_classes=4, feature_dim=6)
-    with pytest.raises(ValueError, match="keys"):
-        module(cams, labels, keys, query, (7, 8), feats)
+    with pytest.raises(ValueError, match="grid"):
+        module(cams, labels, _dino(keys, query, (7, 8)), feats)
     with pytest.raises(ValueError, match="features"):
-        module(cams, labels, keys, query, (8, 8), feats[:, :5])
+        module(cams, labels, _dino(keys, query, (8, 8)), feats[:, :5])
     with pytest.raises(ValueError, match="cams"):
-        module(cams[:, :2], labels, keys, query, (8, 8), feats)
+        module(cams[:, :2], labels, _dino(keys, query, (8, 8)), feats)

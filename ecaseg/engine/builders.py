@@ -162,6 +162,7 @@ def build_carm_generator(cfg: Config, num_classes: int, feature_dim: int) -> CAR
         momentum=m.momentum,
         calibrate=m.calibrate,
         fg_cue=m.fg_cue,
+        validate=False,  # the training loop never waits on the host for input checks
     )
 
 

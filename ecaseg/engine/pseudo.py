@@ -197,13 +197,7 @@ class PseudoLabelPipeline:
             assert features is not None
             dino = self.dino(images)
             result = self.carm_generator(
-                cams,
-                labels,
-                dino.keys,
-                dino.cls_query,
-                dino.grid,
-                features.detach().float(),
-                update_prototypes=update_prototypes,
+                cams, labels, dino, features.detach().float(), update_prototypes=update_prototypes
             )
             carm, carm_raw = result.carm, result.carm_raw
             if self.carm_background == "map":  # background CARM as the background score: PAR on [bg, fg]

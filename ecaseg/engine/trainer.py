@@ -403,6 +403,7 @@ class ECATrainer:
                         global_hw=(images.shape[-2], images.shape[-1]),
                         labels=labels,
                         max_patches=m.cce_max_patches,
+                        validate=False,
                     )
                     total = total + m.lambda_cce * losses["cce"]
                 if need_aff and out.aff_pred is not None:

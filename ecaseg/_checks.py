@@ -1,0 +1,73 @@
+"""Input checks shared by the public blocks (the input contract of docs/contract.rst).
+
+Two kinds of checks:
+
+* *shape* checks read only tensor metadata; every public block runs them always;
+* *value* checks (finiteness, value ranges, 0/1 labels) read values back to the host, so a block runs them
+  only with ``validate=True`` (the default); training loops pass ``validate=False``.
+
+Every message names the argument, what was expected and, where one exists, the fix. This module imports
+torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: How far outside ``[0, 1]`` a normalised map may go (rounding of resampling and of bf16).
+UNIT_RANGE_TOL = 1e-3
+
+NORMALIZE_HINT = (
+    "normalise raw CAMs per image and class first, e.g. ecaseg.cam.minmax_normalize(cams.relu()) "
+    "(or build them with ecaseg.cam.cam_from_features)"
+)
+
+
+def shape_str(x: Tensor) -> str:
+    """``(2, 20, 32, 32)``-style shape for messages."""
+    return str(tuple(x.shape))
+
+
+def fg_count_message(num_classes: int, what: str, got: int) -> str:
+    """The one wording of the class-count convention in shape errors."""
+    return (
+        f"num_classes={num_classes} counts the background: expected {num_classes - 1} {what}, got {got} "
+        "(foreground tensors hold num_classes - 1 channels; the background is index 0 of K-channel outputs)"
+    )
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (one host synchronisation)."""
+    if x.is_floating_point() or x.is_complex():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(
+                f"{name} holds {bad} non-finite value(s) (NaN or inf) out of {x.numel()}; "
+                "check the network or data that produced it"
+            )
+
+
+def check_unit_range(x: Tensor, name: str, hint: str = NORMALIZE_HINT, tol: float = UNIT_RANGE_TOL) -> None:
+    """Raise ``ValueError`` unless every value of ``x`` is finite and in ``[0, 1]`` (within ``tol``)."""
+    check_finite(x, name)
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach().float())
+    lo_v, hi_v = float(lo), float(hi)
+    if lo_v < -tol or hi_v > 1.0 + tol:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo_v:.4g}, {hi_v:.4g}]; {hint}")
+
+
+def check_multi_hot(labels: Tensor, name: str = "labels") -> None:
+    """Raise ``ValueError`` unless every entry of ``labels`` is 0 or 1."""
+    if labels.dtype == torch.bool:
+        return
+    bad = (labels != 0) & (labels != 1)
+    count = int(bad.sum())
+    if count:
+        example = float(labels[bad].flatten()[0])
+        raise ValueError(
+            f"{name} must be multi-hot image-level labels (0 or 1 per class), got {count} other value(s), "
+            f"e.g. {example:.4g}; pass (scores > threshold).float() for classifier scores"
+        )
