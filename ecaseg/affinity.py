@@ -20,6 +20,7 @@ averages the background and foreground positives separately
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -160,10 +161,21 @@ class AffinityLoss(nn.Module):
         self.ignore_index = ignore_index
         self.split_positives = split_positives
 
+    if TYPE_CHECKING:
+
+        def __call__(self, aff_pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor: ...
+
     def forward(self, aff_pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """``aff_pred [B, N, N]``, ``label [B, H, W]`` at any resolution (resized to the N = h*w grid).
+        """Affinity loss of predicted pair affinities against the pairs of a pseudo-label.
 
         The grid is taken as square when ``label`` is square; otherwise ``h = round(sqrt(N * H / W))``.
+
+        Args:
+            aff_pred: ``[B, N, N]`` predicted affinities in ``[0, 1]`` on an ``N = h * w`` grid.
+            label: ``[B, H, W]`` long pseudo-label at any resolution (downsampled to the grid).
+
+        Returns:
+            Scalar loss.
         """
         n = aff_pred.shape[-1]
         hl, wl = label.shape[-2:]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -325,8 +325,22 @@ class CAM(nn.Module):
         super().__init__()
         self.eps = eps
 
+    if TYPE_CHECKING:
+
+        def __call__(self, features: Tensor, weight: Tensor, labels: Tensor | None = None) -> Tensor: ...
+
     def forward(self, features: Tensor, weight: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Normalised CAM ``[B, C, h, w]``; classes with label 0 are zeroed when ``labels`` is given."""
+        """Normalised CAM of Eq. (1).
+
+        Args:
+            features: ``[B, D, h, w]`` feature map.
+            weight: ``[C, D]`` or ``[C, D, 1, 1]`` classifier weights, C = num_classes - 1 foreground classes.
+            labels: Optional ``[B, C]`` multi-hot labels; classes with label 0 are zeroed.
+
+        Returns:
+            ``[B, C, h, w]`` float32 in ``[0, 1]`` (foreground only; the background is Eq. (2),
+            :func:`background_cam`).
+        """
         cams = cam_from_features(features, weight, self.eps)
         if labels is not None:
             _check_labels(labels, cams.shape[0], cams.shape[1])
@@ -356,8 +370,21 @@ class MultiScaleCAM(nn.Module):
         self.flip = flip
         self.out_size = out_size
 
+    if TYPE_CHECKING:
+
+        def __call__(self, model: CAMModel, images: Tensor, labels: Tensor) -> Tensor: ...
+
     def forward(self, model: CAMModel, images: Tensor, labels: Tensor) -> Tensor:
-        """See :func:`multiscale_cam`."""
+        """Multi-scale, flipped CAM of ``model`` (see :func:`multiscale_cam`).
+
+        Args:
+            model: Object with ``forward_cam(x [B, 3, h, w]) -> raw CAM [B, C, h', w']``.
+            images: ``[B, 3, H, W]`` normalised images.
+            labels: ``[B, C]`` multi-hot labels, C = num_classes - 1.
+
+        Returns:
+            ``[B, C, h, w]`` float32 normalised CAM in ``[0, 1]``.
+        """
         return multiscale_cam(model, images, labels, self.scales, self.flip, self.out_size)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -105,6 +105,31 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _images_hwc_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``[B, H, W, 3]`` uint8 from ``[B, H, W, 3]`` uint8 or ``[B, 3, H, W]`` (uint8, or float in [0, 1])."""
+    imgs = _to_numpy(images)
+    if imgs.ndim != 4 or 3 not in (imgs.shape[1], imgs.shape[3]):
+        raise ValueError(
+            f"images must be [B, 3, H, W] (uint8, or float in [0, 1]) or [B, H, W, 3] uint8 RGB, "
+            f"got shape {imgs.shape}"
+        )
+    channels_first = imgs.shape[1] == 3 and (imgs.shape[3] != 3 or imgs.dtype != np.uint8)
+    if channels_first:
+        if imgs.dtype != np.uint8:
+            if not np.issubdtype(imgs.dtype, np.floating):
+                raise ValueError(f"images must be uint8 or float in [0, 1], got {imgs.dtype}")
+            if imgs.size and (not np.isfinite(imgs).all() or imgs.min() < -1e-3 or imgs.max() > 1.0 + 1e-3):
+                raise ValueError(
+                    "float images must be RGB in [0, 1] (denormalise ImageNet-normalised images first, "
+                    f"e.g. ecaseg.data.denormalize), got values in [{imgs.min():.4g}, {imgs.max():.4g}]"
+                )
+            imgs = np.clip(np.rint(imgs * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(imgs.transpose(0, 2, 3, 1))
+    if imgs.dtype != np.uint8:
+        raise ValueError(f"[B, H, W, 3] images must be uint8, got {imgs.dtype}")
+    return imgs
+
+
 def crf_batch(
     images: np.ndarray | torch.Tensor,
     probs: np.ndarray | torch.Tensor,
@@ -115,8 +140,11 @@ def crf_batch(
     """Dense CRF over a batch, images in parallel on CPU processes.
 
     Args:
-        images: ``[B, H, W, 3]`` uint8 RGB images (numpy array or tensor).
-        probs: ``[B, K, H, W]`` class probabilities (tensor on any device, or numpy).
+        images: RGB images, numpy array or tensor: ``[B, 3, H, W]`` (uint8, or float in ``[0, 1]``), like
+            every other block, or ``[B, H, W, 3]`` uint8. A ``[B, 3, H, 3]`` uint8 array is read as
+            ``[B, H, W, 3]``.
+        probs: ``[B, K, H, W]`` class probabilities (tensor on any device, or numpy), finite, in
+            ``[0, 1]``.
         params: CRF parameters (default :class:`CRFParams`).
         num_workers: worker processes; ``None`` = ``min(B, cpu_count)``; ``0`` or ``1`` runs in-process.
         executor: an existing executor to submit to (e.g. a long-lived pool); overrides ``num_workers``.
@@ -130,14 +158,15 @@ def crf_batch(
         >>> crf_batch(imgs, p, num_workers=0).sum().item()
         18
     """
-    imgs = _to_numpy(images)
+    imgs = _images_hwc_uint8(images)
     prb = _to_numpy(probs).astype(np.float32, copy=False)
-    if imgs.ndim != 4 or imgs.shape[3] != 3:
-        raise ValueError(f"images must be [B, H, W, 3] uint8, got shape {imgs.shape}")
-    if imgs.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {imgs.dtype}")
     if prb.ndim != 4 or prb.shape[0] != imgs.shape[0] or prb.shape[2:] != imgs.shape[1:3]:
-        raise ValueError(f"probs must be [B, K, H, W] matching images {imgs.shape}, got shape {prb.shape}")
+        raise ValueError(
+            f"probs must be [B, K, H, W] with B, H, W = {imgs.shape[0]}, {imgs.shape[1]}, {imgs.shape[2]} "
+            f"(the images'), got shape {prb.shape}"
+        )
+    if prb.size and (not np.isfinite(prb).all() or prb.min() < -1e-3 or prb.max() > 1.0 + 1e-3):
+        raise ValueError("probs must be finite class probabilities in [0, 1] (softmax the logits first)")
     params = params or CRFParams()
     jobs = [(imgs[i], prb[i], params) for i in range(imgs.shape[0])]
     if executor is not None:
@@ -174,8 +203,22 @@ class DenseCRF(nn.Module):
         self.params = params or CRFParams()
         self.num_workers = num_workers
 
+    if TYPE_CHECKING:
+
+        def __call__(
+            self, images: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor
+        ) -> torch.Tensor: ...
+
     def forward(self, images: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``images [B, H, W, 3]`` uint8, ``probs [B, K, H, W]`` -> ``[B, H, W]`` long labels."""
+        """Dense CRF label maps (see :func:`crf_batch`).
+
+        Args:
+            images: ``[B, 3, H, W]`` RGB (uint8, or float in ``[0, 1]``) or ``[B, H, W, 3]`` uint8.
+            probs: ``[B, K, H, W]`` class probabilities.
+
+        Returns:
+            ``[B, H, W]`` long label maps on the CPU.
+        """
         return crf_batch(images, probs, self.params, self.num_workers)
 
     def extra_repr(self) -> str:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ecaseg._checks import check_finite
 
 __all__ = ["PAR", "neighbour_offsets", "par_refine"]
 
@@ -144,6 +147,8 @@ class PAR(nn.Module):
         num_iter: number of propagation steps.
         w1: temperature of the RGB and position kernels.
         w2: weight of the position kernel.
+        validate: check that images and maps are finite (reads values back to the host); shapes are
+            always checked.
 
     Example:
         >>> par = PAR(dilations=(1,), num_iter=1)
@@ -157,15 +162,36 @@ class PAR(nn.Module):
         num_iter: int = 10,
         w1: float = 0.3,
         w2: float = 0.01,
+        validate: bool = True,
     ) -> None:
         super().__init__()
+        if len(dilations) == 0 or min(dilations) < 1:
+            raise ValueError(f"dilations must be positive integers, got {tuple(dilations)}")
+        if num_iter < 0:
+            raise ValueError(f"num_iter must be >= 0, got {num_iter}")
         self.dilations = tuple(int(d) for d in dilations)
         self.num_iter = num_iter
         self.w1 = w1
         self.w2 = w2
+        self.validate = validate
+
+    if TYPE_CHECKING:
+
+        def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor: ...
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Refine ``masks`` ``[B, K, h, w]`` with ``images`` ``[B, 3, H, W]`` -> ``[B, K, H, W]``."""
+        """Refine class maps with the image's local affinities (see :func:`par_refine`).
+
+        Args:
+            images: ``[B, 3, H, W]`` images (any per-channel affine normalisation, see :func:`par_refine`).
+            masks: ``[B, K, h, w]`` class scores or probabilities (resized to ``H x W`` first).
+
+        Returns:
+            ``[B, K, H, W]`` refined maps in ``masks.dtype``.
+        """
+        if self.validate:
+            check_finite(images, "images")
+            check_finite(masks, "masks")
         return par_refine(images, masks, self.dilations, self.num_iter, self.w1, self.w2)
 
     def extra_repr(self) -> str:

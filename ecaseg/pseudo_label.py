@@ -18,11 +18,13 @@ or ``None`` (plain argmax). Without a refiner the band and ``alpha`` paths give 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecaseg._checks import check_multi_hot, check_unit_range
 from ecaseg.cam import _no_autocast, crop_box_mask
 
 __all__ = ["PseudoLabeler", "Refiner", "refine_pseudo_label"]
@@ -52,6 +54,7 @@ def refine_pseudo_label(
     crop_box: Tensor | None = None,
     ignore_index: int = 255,
     bg_scores: Tensor | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Pixel pseudo-label from normalised foreground scores, background threshold and PAR refinement.
 
@@ -66,13 +69,16 @@ def refine_pseudo_label(
     Args:
         par: Refiner ``(images, maps [B,K,H,W]) -> maps`` (e.g. :class:`ecaseg.par.PAR`) or ``None``.
         images_denorm: ``[B, 3, H, W]`` images in ``[0, 1]`` (what PAR expects); sets the output size.
-        scores: ``[B, C, h, w]`` normalised foreground scores (CAM, or CARM without background).
-        labels: ``[B, C]`` multi-hot labels.
+        scores: ``[B, C, h, w]`` normalised foreground scores in ``[0, 1]`` (CAM, or CARM without its
+            background channel), C = num_classes - 1.
+        labels: ``[B, C]`` multi-hot (0/1) labels.
         alpha: Constant background score (used when ``band`` and ``bg_scores`` are None).
         band: ``(low, high)`` uncertain band (AFA: 0.35, 0.55); excludes ``bg_scores``.
         crop_box: Optional ``[B, 4]`` ``(y0, y1, x0, x1)`` half-open boxes in image pixels.
         ignore_index: Label of ignored pixels.
-        bg_scores: Optional background map ``[B, 1, h', w']`` or ``[B, h', w']``.
+        bg_scores: Optional background map ``[B, 1, h', w']`` or ``[B, h', w']`` in ``[0, 1]``.
+        validate: Check values (finite scores in ``[0, 1]``, 0/1 labels, finite images); reads values back
+            to the host. Shapes are always checked.
 
     Returns:
         LongTensor ``[B, H, W]`` with values in ``{0..C, ignore_index}``.
@@ -92,9 +98,22 @@ def refine_pseudo_label(
     if labels.shape != (batch, num_fg):
         raise ValueError(f"labels must be [B, C] = [{batch}, {num_fg}], got {tuple(labels.shape)}")
     if band is not None and bg_scores is not None:
-        raise ValueError("refine_pseudo_label: pass either band or bg_scores, not both")
+        raise ValueError(
+            "pass either band or bg_scores, not both: bg_scores replaces the band's background thresholds "
+            "(a PseudoLabeler built with band=(low, high) takes no bg_scores; build it with band=None)"
+        )
     if band is not None and band[0] > band[1]:
         raise ValueError(f"band must be (low, high) with low <= high, got {band}")
+    if validate:
+        check_unit_range(scores, "scores")
+        check_multi_hot(labels, "labels")
+        check_unit_range(
+            images_denorm,
+            "images_denorm",
+            hint="pass RGB images scaled to [0, 1] (e.g. ecaseg.data.denormalize)",
+        )
+        if bg_scores is not None:
+            check_unit_range(bg_scores, "bg_scores")
     size = (images_denorm.shape[-2], images_denorm.shape[-1])
     fg_present = labels > 0
     present = torch.cat([torch.ones_like(fg_present[:, :1]), fg_present], dim=1)  # [B, K]
@@ -141,11 +160,15 @@ def refine_pseudo_label(
 class PseudoLabeler(nn.Module):
     """Module form of :func:`refine_pseudo_label` holding the refiner and the thresholds.
 
+    The rules are the function's: the background is ``alpha``, the ``band``, or ``bg_scores`` passed to
+    the call; a labeler built with a ``band`` refuses ``bg_scores`` (build it with ``band=None`` for that).
+
     Args:
         par: Refiner module/callable or ``None``. If it is an ``nn.Module`` it becomes a submodule.
         alpha: Hard background threshold.
         band: Optional ``(low, high)`` uncertain band.
         ignore_index: Label of ignored pixels.
+        validate: Check input values (see :func:`refine_pseudo_label`).
 
     Example:
         >>> labeler = PseudoLabeler(None, alpha=0.5)
@@ -159,12 +182,27 @@ class PseudoLabeler(nn.Module):
         alpha: float = 0.5,
         band: tuple[float, float] | None = None,
         ignore_index: int = 255,
+        validate: bool = True,
     ) -> None:
         super().__init__()
+        if band is not None and band[0] > band[1]:
+            raise ValueError(f"band must be (low, high) with low <= high, got {band}")
         self.par = par
         self.alpha = alpha
         self.band = band
         self.ignore_index = ignore_index
+        self.validate = validate
+
+    if TYPE_CHECKING:
+
+        def __call__(
+            self,
+            images_denorm: Tensor,
+            scores: Tensor,
+            labels: Tensor,
+            crop_box: Tensor | None = None,
+            bg_scores: Tensor | None = None,
+        ) -> Tensor: ...
 
     def forward(
         self,
@@ -174,18 +212,29 @@ class PseudoLabeler(nn.Module):
         crop_box: Tensor | None = None,
         bg_scores: Tensor | None = None,
     ) -> Tensor:
-        """See :func:`refine_pseudo_label`; an explicit ``bg_scores`` map takes precedence over ``band``."""
-        band = None if bg_scores is not None else self.band
+        """Pseudo-label a batch (see :func:`refine_pseudo_label`).
+
+        Args:
+            images_denorm: ``[B, 3, H, W]`` images in ``[0, 1]``; sets the output size.
+            scores: ``[B, C, h, w]`` normalised foreground scores in ``[0, 1]``, C = num_classes - 1.
+            labels: ``[B, C]`` multi-hot labels.
+            crop_box: Optional ``[B, 4]`` ``(y0, y1, x0, x1)`` half-open boxes in image pixels.
+            bg_scores: Optional background map ``[B, 1, h', w']`` (only with ``band=None``).
+
+        Returns:
+            LongTensor ``[B, H, W]`` in ``{0..C, ignore_index}``.
+        """
         return refine_pseudo_label(
             self.par,
             images_denorm,
             scores,
             labels,
             alpha=self.alpha,
-            band=band,
+            band=self.band,
             crop_box=crop_box,
             ignore_index=self.ignore_index,
             bg_scores=bg_scores,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:

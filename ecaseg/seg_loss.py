@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,12 +78,35 @@ def segmentation_loss(
 
 
 class SegmentationLoss(nn.Module):
-    """Module form of :func:`segmentation_loss`."""
+    """Module form of :func:`segmentation_loss` (one term of Eq. (12)).
+
+    Args:
+        ignore_index: label of pixels without supervision.
+        balanced: average the background and foreground losses separately (see :func:`segmentation_loss`).
+
+    Example:
+        >>> import torch
+        >>> SegmentationLoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)).shape
+        torch.Size([])
+    """
 
     def __init__(self, ignore_index: int = 255, balanced: bool = True) -> None:
         super().__init__()
         self.ignore_index = ignore_index
         self.balanced = balanced
 
+    if TYPE_CHECKING:
+
+        def __call__(self, logits: Tensor, target: Tensor) -> Tensor: ...
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of the decoder's logits against a pseudo-label.
+
+        Args:
+            logits: ``[B, num_classes, h, w]`` segmentation logits (background at index 0).
+            target: ``[B, H, W]`` long pseudo-label in ``0..num_classes - 1`` or ``ignore_index``.
+
+        Returns:
+            Scalar loss.
+        """
         return segmentation_loss(logits, target, self.ignore_index, self.balanced)

@@ -63,8 +63,8 @@ def train_step(
         size = images.shape[-2:]
         cam_label = cam_to_label(F.interpolate(cams, size=size, mode="bilinear"), labels, alpha=0.5)
         # --- the ECA part: DINO keys/query -> seeds -> CARM -> calibrated CARM (Eq. 3-10) ---
-        feats = dino(images)
-        carm = sae(cams, labels, feats.keys, feats.cls_query, feats.grid, features).carm  # [B, K, h, w]
+        dino_out = dino(images)  # keys, class query and patch grid of the same images, together
+        carm = sae(cams, labels, dino_out, features).carm  # [B, K, h, w], background at index 0
         carm_label = cam_to_label(F.interpolate(carm[:, 1:], size=size, mode="bilinear"), labels, alpha=0.5)
     loss_seg = segmentation_loss(seg, cam_label)
     loss_carm = segmentation_loss(seg, carm_label)

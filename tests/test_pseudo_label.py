@@ -150,4 +150,7 @@ def test_module_matches_function() -> None:
     assert torch.equal(labeler(images, scores, labels), expected)
     bg = torch.rand(2, 1, 3, 3, generator=gen)
     expected_bg = refine_pseudo_label(_smooth_par, images, scores, labels, bg_scores=bg)
-    assert torch.equal(labeler(images, scores, labels, bg_scores=bg), expected_bg)
+    assert torch.equal(PseudoLabeler(_smooth_par)(images, scores, labels, bg_scores=bg), expected_bg)
+    # one rule for both forms: band and bg_scores exclude each other (0.1 let bg_scores win silently)
+    with pytest.raises(ValueError, match="either band or bg_scores"):
+        labeler(images, scores, labels, bg_scores=bg)

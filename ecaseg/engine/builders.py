@@ -169,4 +169,4 @@ def build_carm_generator(cfg: Config, num_classes: int, feature_dim: int) -> CAR
 def build_par(cfg: Config) -> PAR:
     """Pixel-adaptive refinement with the configured dilations, iterations and kernel weights."""
     m = cfg.method
-    return PAR(dilations=m.par_dilations, num_iter=m.par_iters, w1=m.par_w1, w2=m.par_w2)
+    return PAR(dilations=m.par_dilations, num_iter=m.par_iters, w1=m.par_w1, w2=m.par_w2, validate=False)

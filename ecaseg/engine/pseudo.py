@@ -207,7 +207,13 @@ class PseudoLabelPipeline:
                     else torch.div(crop_box, self.par_downsample, rounding_mode="floor")
                 )
                 label = refine_pseudo_label(
-                    self.par, rgb, result.carm[:, 1:], labels, crop_box=box, bg_scores=result.carm[:, :1]
+                    self.par,
+                    rgb,
+                    result.carm[:, 1:],
+                    labels,
+                    crop_box=box,
+                    bg_scores=result.carm[:, :1],
+                    validate=False,
                 )
                 carm_label = self._resize_label(label, out_hw)
                 carm_label_band = carm_label if with_band else None
