@@ -49,11 +49,11 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[obje
     return contextlib.nullcontext()
 
 
-def _check_labels(labels: Tensor, batch: int, num_classes: int, name: str = "labels") -> None:
-    if labels.dim() != 2 or labels.shape[0] != batch or labels.shape[1] != num_classes:
+def _check_labels(labels: Tensor, batch: int, num_fg: int, name: str = "labels") -> None:
+    if labels.dim() != 2 or labels.shape[0] != batch or labels.shape[1] != num_fg:
         raise ValueError(
-            f"{name} must be a multi-hot tensor of shape [B, C] = [{batch}, {num_classes}], "
-            f"got {tuple(labels.shape)}"
+            f"{name} must be multi-hot foreground labels [B, C] = [{batch}, {num_fg}] matching the CAMs' "
+            f"C = num_classes - 1 = {num_fg} channels, got {tuple(labels.shape)}"
         )
 
 

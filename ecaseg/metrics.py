@@ -166,27 +166,29 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class MultiLabelMetric:
-    """Multi-label classification scores for the classifier branch (C foreground classes).
+    """Multi-label classification scores for the classifier branch (``num_classes - 1`` foreground classes).
 
     ``update`` stores scores and labels; ``compute`` returns per-class AP and mAP (NaN classes without a
     positive are left out of the mean) and F1 at a threshold of 0.5 on ``sigmoid(scores)`` (i.e. logits
     > 0); with ``from_logits=False`` the scores are probabilities and are thresholded at 0.5 directly.
 
     Args:
-        num_classes: C, the number of foreground classes.
+        num_classes: K, background included (21 for VOC), as everywhere in ecaseg; scores and labels hold
+            the ``num_classes - 1`` foreground classes.
         from_logits: whether the scores are logits (default) or probabilities.
 
     Example:
-        >>> m = MultiLabelMetric(2)
+        >>> m = MultiLabelMetric(num_classes=3)  # background + 2 foreground classes
         >>> m.update(torch.tensor([[3.0, -2.0], [-1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         >>> m.compute()["map"], m.compute()["mean_f1"]
         (1.0, 1.0)
     """
 
     def __init__(self, num_classes: int, from_logits: bool = True) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes = num_classes
+        self.num_fg = num_classes - 1
         self.from_logits = from_logits
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -204,9 +206,10 @@ class MultiLabelMetric:
             scores: ``[B, C]`` logits (or probabilities with ``from_logits=False``).
             labels: ``[B, C]`` multi-hot ground truth.
         """
-        if scores.shape != labels.shape or scores.dim() != 2 or scores.shape[1] != self.num_classes:
+        if scores.shape != labels.shape or scores.dim() != 2 or scores.shape[1] != self.num_fg:
             raise ValueError(
-                f"scores and labels must both be [B, {self.num_classes}], "
+                f"scores and labels must both be [B, num_classes - 1] = [B, {self.num_fg}] "
+                f"(num_classes={self.num_classes} counts the background), "
                 f"got {tuple(scores.shape)} and {tuple(labels.shape)}"
             )
         self._scores.append(scores.detach().float())
@@ -220,7 +223,7 @@ class MultiLabelMetric:
             class has neither a positive nor a positive prediction) and ``mean_f1``.
         """
         if not self._scores:
-            nan_list = [math.nan] * self.num_classes
+            nan_list = [math.nan] * self.num_fg
             return {"map": math.nan, "ap_per_class": nan_list, "f1_per_class": nan_list, "mean_f1": math.nan}
         scores = torch.cat(self._scores)
         labels = torch.cat(self._labels)

@@ -150,7 +150,7 @@ def test_multilabel_metric_map_and_f1() -> None:
     scores = rng.normal(size=(20, 5))
     labels = (rng.random((20, 5)) < 0.5).astype(np.float32)
     labels[:, 4] = 0
-    m = MultiLabelMetric(5)
+    m = MultiLabelMetric(6)
     m.update(torch.from_numpy(scores[:8]).float(), torch.from_numpy(labels[:8]))
     m.update(torch.from_numpy(scores[8:]).float(), torch.from_numpy(labels[8:]))
     out = m.compute()
@@ -173,7 +173,7 @@ def test_multilabel_metric_map_and_f1() -> None:
 
 
 def test_multilabel_metric_probabilities_and_errors() -> None:
-    m = MultiLabelMetric(2, from_logits=False)
+    m = MultiLabelMetric(3, from_logits=False)
     m.update(torch.tensor([[0.6, 0.4]]), torch.tensor([[1.0, 1.0]]))
     assert m.compute()["f1_per_class"] == [1.0, 0.0]
     with pytest.raises(ValueError):

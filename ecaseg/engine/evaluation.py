@@ -125,7 +125,7 @@ def evaluate_wsss(
     metrics = {
         name: SegmentationMetric(num_classes) for name in ("cam", "cam_pseudo", "carm", "carm_pseudo", "seg")
     }
-    cls_metric = MultiLabelMetric(num_classes - 1)
+    cls_metric = MultiLabelMetric(num_classes)
     was_training = net.training
     net.eval()
     has_carm = labeler.dino is not None and labeler.carm_generator is not None
