@@ -59,6 +59,25 @@ def check_unit_range(x: Tensor, name: str, hint: str = NORMALIZE_HINT, tol: floa
         raise ValueError(f"{name} must lie in [0, 1], got values in [{lo_v:.4g}, {hi_v:.4g}]; {hint}")
 
 
+def check_normalized_maps(cams: Tensor, labels: Tensor, name: str = "cams", tol: float = 1e-2) -> None:
+    """Raise ``ValueError`` unless every labelled class's map of ``[B, C, ...]`` peaks at 1 (or is all 0).
+
+    Min-max normalisation per image and class (Eq. (1)) puts each map's maximum at 1. A map that peaks
+    lower is compared with the background ``1 - max_c M_c`` (Eq. (2)) on unequal terms: ``cams * 0.4`` gives
+    every patch to the background, so no foreground seed is left.
+    """
+    peaks = cams.detach().float().flatten(2).amax(dim=-1)  # [B, C]
+    bad = (labels > 0) & (peaks > 0) & (peaks < 1.0 - tol)
+    count = int(bad.sum())
+    if count:
+        b, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} are not normalised per image and class: {count} labelled map(s) peak below 1, e.g. "
+            f"{float(peaks[b, c]):.4g} (image {b}, channel {c}); the background of Eq. (2) is 1 - max_c M_c, "
+            f"so such maps lose their seeds to the background; {NORMALIZE_HINT}, after any resizing"
+        )
+
+
 def check_multi_hot(labels: Tensor, name: str = "labels") -> None:
     """Raise ``ValueError`` unless every entry of ``labels`` is 0 or 1."""
     if labels.dtype == torch.bool:

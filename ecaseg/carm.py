@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecaseg._checks import check_finite, check_multi_hot, check_unit_range, fg_count_message, shape_str
+from ecaseg._checks import (
+    check_finite,
+    check_multi_hot,
+    check_normalized_maps,
+    check_unit_range,
+    fg_count_message,
+    shape_str,
+)
 from ecaseg.cam import _no_autocast, background_cam, minmax_normalize
 from ecaseg.dino_features import DINOFeatures
 from ecaseg.prototypes import MomentumPrototypes, _present_classes, calibrate_carm
@@ -284,9 +291,10 @@ class CARMGenerator(nn.Module):
     nor updated and no ``features`` are needed.
 
     The input contract (docs, "Bring your own CAMs"): ``cams`` are *normalised foreground* CAMs in
-    ``[0, 1]`` with ``num_classes - 1`` channels (no background channel: it is computed, Eq. (2)); ``labels``
-    are 0/1 multi-hot ``[B, num_classes - 1]``. With ``validate=True`` (default) values are checked too
-    (finite, in range, 0/1), which reads values back to the host; training loops pass ``validate=False``.
+    ``[0, 1]`` with ``num_classes - 1`` channels (no background channel: it is computed, Eq. (2)), each
+    labelled class's map min-max normalised per image (peak 1, or all zero); ``labels`` are 0/1 multi-hot
+    ``[B, num_classes - 1]``. With ``validate=True`` (default) values are checked too (finite, in range,
+    normalised, 0/1), which reads values back to the host; training loops pass ``validate=False``.
 
     Args:
         num_classes: ``K``, background included (21 for VOC, 81 for COCO).
@@ -381,6 +389,7 @@ class CARMGenerator(nn.Module):
         if cams.shape[1] != k - 1:
             raise ValueError("cams: " + fg_count_message(k, "CAM channels", cams.shape[1]))
         batch = cams.shape[0]
+        _present_classes(labels, batch, k)  # the labels' shape
         if not isinstance(dino, DINOFeatures):
             raise TypeError(
                 "dino must be the DINOFeatures that DINOAffinity(images) returns, got "
@@ -403,6 +412,7 @@ class CARMGenerator(nn.Module):
             return
         check_unit_range(cams, "cams")
         check_multi_hot(labels, "labels")
+        check_normalized_maps(cams, labels, "cams")
         check_finite(dino.keys, "dino.keys")
         if self.fg_cue == "cls":
             check_finite(dino.cls_query, "dino.cls_query")

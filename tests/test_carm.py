@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecaseg.cam import with_background
+from ecaseg.cam import minmax_normalize, with_background
 from ecaseg.carm import (
     CARMGenerator,
     CARMOutput,
@@ -186,7 +186,7 @@ def _dino(keys: torch.Tensor, query: torch.Tensor, grid: tuple[int, int]) -> DIN
 
 
 def _inputs(gen: torch.Generator, b: int, c: int, cam_hw, dino_hw, feat_hw, df: int = 6, d: int = 8):
-    cams = torch.rand(b, c, *cam_hw, generator=gen)
+    cams = minmax_normalize(torch.rand(b, c, *cam_hw, generator=gen))  # the contract: peak 1 per map
     labels = _labels(gen, b, c)
     cams = cams * labels[:, :, None, None]
     keys = torch.randn(b, dino_hw[0] * dino_hw[1], d, generator=gen)
