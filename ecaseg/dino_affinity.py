@@ -711,7 +711,7 @@ def _enable_dynamic_size(vit: VisionTransformer) -> None:
     pe.strict_img_size = False
     pe.flatten = False
     pe.output_fmt = Format.NHWC
-    vit.dynamic_img_size = True
+    vit.dynamic_img_size = True  # type: ignore[misc]  # Final for TorchScript; set once, as __init__ does
 
 
 class DINOAffinity(nn.Module):
@@ -887,6 +887,5 @@ class DINOAffinity(nn.Module):
         use_amp = self.autocast and images.device.type == "cuda"
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = extract_features(self.vit, images)
-        return DINOFeatures(
-            keys=out.keys.float(), cls_query=out.cls_query.float(), tokens=out.tokens.float(), grid=out.grid
-        )
+        tokens = out.tokens.float() if out.tokens is not None else None
+        return DINOFeatures(keys=out.keys.float(), cls_query=out.cls_query.float(), tokens=tokens, grid=out.grid)
