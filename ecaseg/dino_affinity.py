@@ -33,6 +33,7 @@ __all__ = [
     "DINOAffinity",
     "DINOFeatures",
     "DINOVariant",
+    "WeightsLike",
     "build_vit",
     "convert_state_dict",
     "extract_features",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 Family = Literal["dino", "dinov2", "mocov3", "supervised", "custom"]
+#: What ``weights=`` takes: a checkpoint path (``str`` or path-like) or a state dict.
 WeightsLike = str | os.PathLike | Mapping[str, Any]
 
 #: Keys of classification heads, projectors or training-only tokens that a backbone does not use; they are
@@ -888,4 +890,6 @@ class DINOAffinity(nn.Module):
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = extract_features(self.vit, images)
         tokens = out.tokens.float() if out.tokens is not None else None
-        return DINOFeatures(keys=out.keys.float(), cls_query=out.cls_query.float(), tokens=tokens, grid=out.grid)
+        return DINOFeatures(
+            keys=out.keys.float(), cls_query=out.cls_query.float(), tokens=tokens, grid=out.grid
+        )

@@ -1,7 +1,7 @@
 """Evaluation metrics: segmentation confusion matrix / mIoU, multi-label AP / F1, and Table-3 style reports.
 
 The segmentation confusion matrix is accumulated on the input's device with one ``torch.bincount`` per
-``update`` (rows = ground truth, columns = prediction) and summed over processes in :meth:`compute` when
+``update`` (rows = ground truth, columns = prediction) and summed over processes in :meth:`SegmentationMetric.compute` when
 ``torch.distributed`` is initialised, so every rank reports the global score.
 """
 

@@ -200,7 +200,7 @@ class MomentumPrototypes(nn.Module):
     State lives in buffers (saved in ``state_dict``): ``prototypes`` ``[K, dim]`` float32 and
     ``initialized`` ``[K]`` bool. :meth:`update` all-reduces per-class sums and counts under
     torch.distributed, so all ranks hold identical prototypes. The state cannot be poisoned: a non-finite
-    token never reaches it (see :func:`prototype_momentum_update`), and :meth:`load_state_dict` refuses
+    token never reaches it (see :func:`prototype_momentum_update`), and ``load_state_dict`` refuses
     non-finite prototypes.
 
     Args:

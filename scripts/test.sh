@@ -18,6 +18,6 @@ echo "== mypy"
 .venv/bin/mypy --strict --follow-imports=silent --untyped-calls-exclude=torch examples tests/typing
 echo "== sphinx"
 rm -rf docs/_build
-.venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+.venv/bin/sphinx-build -W -n --keep-going -q -b html docs docs/_build/html
 echo "== pytest"
 .venv/bin/python -m pytest -n 2 -q tests ecaseg "$@"

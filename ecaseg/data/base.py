@@ -68,7 +68,7 @@ def missing_files_message(paths: Sequence[Path], what: str, limit: int = 5) -> s
 class SegmentationDataset(Dataset[dict[str, Any]]):
     """Base class: a list of images, optional masks and multi-hot image-level labels.
 
-    Subclasses resolve their layout and call :meth:`_set_items`. Items are dictionaries:
+    Subclasses resolve their layout and call ``_set_items``. Items are dictionaries:
     ``{"id": str, "image": ..., "label": FloatTensor[C], "mask": ... (only when has_masks)}`` plus what the
     transform returns. With ``transform=None`` the image is ``np.uint8 [H, W, 3]`` RGB and the mask
     ``np.uint8 [H, W]``; otherwise ``transform(image, mask)`` builds the tensors.

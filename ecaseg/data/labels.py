@@ -159,7 +159,7 @@ def load_or_compute_mask_labels(
         ``np.ndarray`` ``[len(ids), K-1]`` uint8 multi-hot labels.
 
     Raises:
-        DatasetError: a mask is unreadable or holds invalid values (from :func:`read_mask`).
+        DatasetError: a mask is unreadable or holds invalid values (from :func:`~ecaseg.data.io.read_mask`).
 
     Example:
         >>> import tempfile, cv2

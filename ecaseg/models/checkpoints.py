@@ -287,7 +287,8 @@ def load_mit_weights(model: nn.Module, path: str | PathLike[str]) -> list[str]:
 
     Args:
         model: A :class:`~ecaseg.models.mit.MixVisionTransformer` (or any module with NVlabs MiT names).
-        path: Checkpoint file or Hugging Face folder, see :func:`read_checkpoint`.
+        path: Checkpoint file or Hugging Face folder, see
+            :func:`~ecaseg.models.checkpoints.read_checkpoint`.
 
     Returns:
         The checkpoint names that were dropped as non-encoder heads (e.g. ``head.weight``).

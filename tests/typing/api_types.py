@@ -43,11 +43,15 @@ def check_calls() -> None:
     assert_type(gen(cams, labels, feats, None, update_prototypes=False), CARMOutput)
     assert_type(MomentumPrototypes(3, 4)(torch.rand(1, 3, 5), torch.rand(1, 5, 4), labels), torch.Tensor)
     geo = torch.zeros(1, 1, 5)
-    assert_type(CCELoss()(torch.rand(1, 1, 2, 2, 2), geo, torch.zeros(1, 4, 4, dtype=torch.long)), torch.Tensor)
+    assert_type(
+        CCELoss()(torch.rand(1, 1, 2, 2, 2), geo, torch.zeros(1, 4, 4, dtype=torch.long)), torch.Tensor
+    )
     assert_type(PAR()(images, torch.rand(1, 3, 32, 32)), torch.Tensor)
     assert_type(PseudoLabeler(PAR())(images, cams, labels), torch.Tensor)
     assert_type(CAM()(torch.rand(1, 8, 4, 4), torch.rand(2, 8)), torch.Tensor)
-    assert_type(SegmentationLoss()(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)), torch.Tensor)
+    assert_type(
+        SegmentationLoss()(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)), torch.Tensor
+    )
     assert_type(AffinityLoss()(torch.rand(1, 4, 4), torch.zeros(1, 2, 2, dtype=torch.long)), torch.Tensor)
     assert_type(DenseCRF()(np.zeros((1, 3, 4, 4), np.uint8), torch.rand(1, 3, 4, 4)), torch.Tensor)
     _ = MultiScaleCAM()
