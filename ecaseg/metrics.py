@@ -1,8 +1,9 @@
 """Evaluation metrics: segmentation confusion matrix / mIoU, multi-label AP / F1, and Table-3 style reports.
 
 The segmentation confusion matrix is accumulated on the input's device with one ``torch.bincount`` per
-``update`` (rows = ground truth, columns = prediction) and summed over processes in :meth:`SegmentationMetric.compute` when
-``torch.distributed`` is initialised, so every rank reports the global score.
+``update`` (rows = ground truth, columns = prediction) and summed over processes in
+:meth:`SegmentationMetric.compute` when ``torch.distributed`` is initialised, so every rank reports the
+global score.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 def check_mask_values(
     mask: np.ndarray, num_classes: int, ignore_index: int = 255, name: str | os.PathLike[str] = "mask"
 ) -> None:
-    """Raise :class:`~ecaseg.errors.DatasetError` if ``mask`` holds a value that is neither a class id nor ``ignore_index``.
+    """Raise :class:`~ecaseg.errors.DatasetError` if ``mask`` holds a value that is neither a class id nor
+    ``ignore_index``.
 
     Args:
         mask: integer array of any shape.
