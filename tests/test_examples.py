@@ -11,6 +11,7 @@ from types import ModuleType
 import cv2
 import numpy as np
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -29,6 +30,14 @@ def test_custom_carm_step_trains() -> None:
     assert len(history) == 2
     assert all(math.isfinite(v) for step in history for v in step.values())
     assert {"cls", "seg_cam", "seg_carm"} == set(history[0])
+
+
+def test_gradcam_carm_example_feeds_pytorch_grad_cam_maps_to_carm() -> None:
+    out = load("gradcam_carm").main(["--size", "64"])
+    assert out.carm.shape == (2, 5, 8, 8)
+    assert torch.isfinite(out.carm).all() and out.carm.min() >= 0 and out.carm.max() <= 1
+    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert torch.all(out.carm[:, 1:][labels == 0] == 0)  # unlabelled classes stay empty
 
 
 def _test_module(name: str) -> ModuleType:
