@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record, sync, time_fn
 
 from ecaseg.carm import CARMGenerator
+from ecaseg.dino_features import DINOFeatures
 from ecaseg.crf import CRFParams, dense_crf
 from ecaseg.engine.config import Config, load_config
 from ecaseg.engine.inference import predict_labels, predict_probs
@@ -210,9 +211,10 @@ def bench_carm(device: torch.device, repeats: int) -> dict[str, Any]:
     labels[:, 0] = 1
     keys = torch.randn(batch, grid * grid, dim, generator=g).to(device)
     query = torch.randn(batch, dim, generator=g).to(device)
+    dino = DINOFeatures(keys=keys, cls_query=query, grid=(grid, grid))
     features = torch.randn(batch, 512, cam_grid, cam_grid, generator=g).to(device)
-    sae = CARMGenerator(num_classes=classes, feature_dim=512).to(device)
-    timing = time_fn(lambda: sae(cams, labels, keys, query, (grid, grid), features), device, 3, repeats)
+    sae = CARMGenerator(num_classes=classes, feature_dim=512, validate=False).to(device)  # the training path
+    timing = time_fn(lambda: sae(cams, labels, dino, features), device, 3, repeats)
     print(f"CARMGenerator B8 N4096 K21: {timing['median_ms']:.1f} ms")
     return {"batch": batch, "dino_grid": grid, "cam_grid": cam_grid, "classes": classes, "ms": timing}
 

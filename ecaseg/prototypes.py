@@ -9,7 +9,7 @@ Which tokens: ``t_i`` (Eq. 8) and ``F`` (Eq. 9) are whatever the caller passes. 
 is called by the trainer with the segmentation backbone's stage-4 features (detached), used for both: Eq. (9)
 names them ``F``, the notation of Section 3.1 for the backbone's feature map, and using the same tokens for
 the prototypes keeps ``P_c`` and ``F`` in one embedding space (a cosine between two spaces would be
-meaningless).
+meaningless). Called without features, :class:`ecaseg.CARMGenerator` uses the DINO patch tokens for both.
 """
 
 from __future__ import annotations
