@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record, sync, time_fn
 
 from ecaseg.carm import CARMGenerator
-from ecaseg.dino_features import DINOFeatures
 from ecaseg.crf import CRFParams, dense_crf
+from ecaseg.dino_features import DINOFeatures
 from ecaseg.engine.config import Config, load_config
 from ecaseg.engine.inference import predict_labels, predict_probs
 from ecaseg.engine.trainer import ECATrainer
