@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from ecaseg.dino_affinity import (
     DINOVariant,
     build_vit,
     fit_to_patch,
+    list_variants,
     load_vit_weights,
     register_variant,
 )
@@ -464,3 +466,76 @@ def test_cuda_bf16_close_to_fp32() -> None:
     assert amp.keys.dtype == torch.float32 and amp.keys.device.type == "cuda"
     cos = F.cosine_similarity(amp.keys, ref.keys, dim=-1)
     assert cos.min() > 0.99
+
+
+# --- bring your own ViT (0.2) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # patch 8, class token only
+        {"reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5},  # DINOv2-style registers
+        {"patch_size": 14, "img_size": 28, "qk_norm": True},  # another patch size, per-head q/k norms
+    ],
+)
+def test_from_model_equals_the_registered_path(kwargs: dict[str, Any], temp_variants: list[str]) -> None:
+    variant = _nano(**kwargs)
+    if "patch_size" in kwargs:
+        variant = dataclasses.replace(variant, patch_size=kwargs["patch_size"])
+    name = f"byo_{len(kwargs)}_{kwargs.get('patch_size', 8)}"
+    temp_variants.append(name)
+    register_variant(name, variant)
+    torch.manual_seed(3)
+    ref = DINOAffinity(name, allow_random_init=True)
+    mine = timm.create_model(  # the user's own timm ViT, not built for dynamic sizes
+        "vit_small_patch16_224", pretrained=False, num_classes=0, **variant.model_kwargs
+    )
+    mine.load_state_dict(ref.vit.state_dict())
+    wrapped = DINOAffinity.from_model(mine)
+    assert wrapped.vit is mine and not any(p.requires_grad for p in mine.parameters())
+    images = torch.randn(2, 3, 3 * variant.patch_size, 5 * variant.patch_size)
+    a, b = ref(images), wrapped(images)
+    assert b.grid == a.grid == (3, 5)
+    torch.testing.assert_close(b.keys, a.keys)
+    torch.testing.assert_close(b.cls_query, a.cls_query)
+    assert b.tokens is not None and a.tokens is not None
+    torch.testing.assert_close(b.tokens, a.tokens)
+    assert isinstance(DINOAffinity(mine).variant, DINOVariant)  # the constructor takes an instance too
+
+
+def test_from_model_refuses_other_modules_with_a_short_message() -> None:
+    with pytest.raises(ConfigError) as err:
+        DINOAffinity(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    assert "is a Sequential, expected a timm VisionTransformer" in str(err.value)
+    assert len(str(err.value)) < 200  # no module repr
+    no_cls = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, depth=1, embed_dim=24, num_heads=2, class_token=False,
+        global_pool="avg",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="no class token"):
+        DINOAffinity.from_model(no_cls)
+
+
+def test_timm_names_with_tags_are_accepted() -> None:
+    tagged = DINOAffinity("vit_small_patch8_224.dino", allow_random_init=True)
+    assert tagged.variant is DINO_VARIANTS["dino_vits8"]
+    other = DINOAffinity("vit_small_patch14_reg4_dinov2.lvd142m", allow_random_init=True)
+    assert (other.patch_size, other.variant.num_reg_tokens) == (14, 4)
+    out = other(torch.zeros(1, 3, 28, 42))
+    assert out.grid == (2, 3) and out.keys.shape == (1, 6, 384)
+    with pytest.raises(ConfigError, match="unknown DINO variant 'vit_smal_patch8'"):
+        DINOAffinity("vit_smal_patch8", allow_random_init=True)
+    assert "dino_vits8" in list_variants() and list_variants() == sorted(DINO_VARIANTS)
+
+
+def test_a_failed_registration_leaves_nothing_behind() -> None:
+    before = list_variants()
+    broken = DINOVariant(family="custom", patch_size=8, embed_dim=64, num_heads=3, depth=4,
+                         model_kwargs=DINO_VARIANTS["vit_nano_p8"].model_kwargs)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"cannot register DINO variant 'broken'.*declares"):
+        register_variant("broken", broken)
+    bad_kwargs = dataclasses.replace(broken, model_kwargs={"no_such_argument": 1})
+    with pytest.raises(ConfigError, match="cannot register DINO variant 'broken'"):
+        register_variant("broken", bad_kwargs)
+    assert list_variants() == before
