@@ -316,7 +316,8 @@ class CARMGenerator(nn.Module):
         >>> gen = CARMGenerator(num_classes=3, feature_dim=6)
         >>> dino = DINOFeatures(keys=torch.randn(1, 16, 6), cls_query=torch.randn(1, 6), grid=(4, 4),
         ...                     tokens=torch.randn(1, 16, 6))
-        >>> out = gen(torch.rand(1, 2, 2, 2), torch.tensor([[1.0, 0.0]]), dino)
+        >>> cams = minmax_normalize(torch.rand(1, 2, 2, 2))  # [B, num_classes - 1, h, w], peak 1 per map
+        >>> out = gen(cams, torch.tensor([[1.0, 0.0]]), dino)
         >>> tuple(out.carm.shape), tuple(out.seeds.shape)
         ((1, 3, 2, 2), (1, 3, 16))
     """
