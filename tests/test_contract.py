@@ -277,3 +277,35 @@ def test_lazy_top_level_names_resolve() -> None:
     assert set(ecaseg.__all__) <= set(dir(ecaseg))
     with pytest.raises(AttributeError, match="no attribute 'CARMGenerater'"):
         _ = ecaseg.CARMGenerater  # type: ignore[attr-defined]
+
+
+# --- typing and layouts ---------------------------------------------------------------------------------
+
+
+def test_string_options_are_literals() -> None:
+    import typing
+
+    from ecaseg.carm import FG_CUES, FgCue
+
+    hints = typing.get_type_hints(CARMGenerator.__init__)
+    assert hints["fg_cue"] == FgCue and typing.get_args(FgCue) == FG_CUES == ("cls", "contrast", "none")
+
+
+def test_crf_takes_channels_first_images_like_every_other_block() -> None:
+    import numpy as np
+
+    from ecaseg.crf import DenseCRF
+
+    gen = torch.Generator().manual_seed(4)
+    hwc = torch.randint(0, 256, (2, 6, 7, 3), generator=gen, dtype=torch.uint8)
+    probs = torch.rand(2, 3, 6, 7, generator=gen).softmax(dim=1)
+    crf = DenseCRF(num_workers=0)
+    expected = crf(hwc.numpy(), probs)
+    assert torch.equal(crf(hwc.permute(0, 3, 1, 2), probs), expected)
+    assert torch.equal(crf(hwc.permute(0, 3, 1, 2).float() / 255.0, probs), expected)
+    with pytest.raises(ValueError, match=r"float images must be RGB in \[0, 1\]"):
+        crf(hwc.permute(0, 3, 1, 2).float(), probs)
+    with pytest.raises(ValueError, match="probs must be finite class probabilities"):
+        crf(hwc.numpy(), probs * float("nan"))
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
+        crf(np.zeros((2, 6, 7), np.uint8), probs)
