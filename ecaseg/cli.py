@@ -7,6 +7,7 @@ line on stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from ecaseg.engine.builders import (
 )
 from ecaseg.engine.config import (
     Config,
+    EvalConfig,
     apply_overrides,
     available_configs,
     config_from_dict,
@@ -39,7 +41,7 @@ from ecaseg.engine.inference import overlay, predict_labels, to_network_input, w
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.engine.trainer import ECATrainer, check_compatible, load_checkpoint
 from ecaseg.engine.visualize import heatmap, label_panel, panel_row, to_rgb_uint8
-from ecaseg.errors import CheckpointError, DatasetError, EcasegError
+from ecaseg.errors import CheckpointError, ConfigError, DatasetError, EcasegError
 from ecaseg.metrics import SegmentationMetric, format_iou_table
 from ecaseg.models import ECANet
 from ecaseg.utils.dist import init_distributed, is_main_process
@@ -87,24 +89,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol(cfg: Config, args: argparse.Namespace) -> EvalConfig:
+    """The config's ``eval`` section (the checkpoint's, or ``--config``'s) with the command's flags on top."""
+    ev = dataclasses.replace(cfg.eval)
+    if args.scales is not None:
+        ev.scales = tuple(args.scales)
+    if args.merge is not None:
+        ev.merge = args.merge
+    if args.resize_long is not None:
+        ev.resize_long = args.resize_long
+    if args.flip is not None:
+        ev.flip = args.flip
+    if args.crf is not None:
+        ev.crf = args.crf
+    if not ev.scales or any(s <= 0 for s in ev.scales):
+        raise ConfigError(f"--scales must be positive factors, got {list(ev.scales)}")
+    if ev.resize_long < 0:
+        raise ConfigError(f"--resize-long must be >= 0 (0: native size), got {ev.resize_long}")
+    return ev
+
+
+def _protocol_settings(ev: EvalConfig) -> dict[str, Any]:
+    return {
+        "scales": list(ev.scales),
+        "merge": ev.merge,
+        "resize_long": ev.resize_long,
+        "flip": ev.flip,
+        "crf": ev.crf,
+    }
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, net, ckpt = _load_network(args)
     device = _device(args.device)
     net.to(device)
     split = args.split or cfg.data.val_split
     dataset = build_dataset(cfg, split, train=False)
-    scales = cfg.eval.msc_scales if args.msc else cfg.eval.scales
-    crf = CRFParams() if args.crf else None
+    ev = _protocol(cfg, args)
     result = evaluate_segmentation(
         net,
         dataset,
         device=device,
-        scales=scales,
-        flip=args.flip,
-        crf=crf,
-        crf_workers=cfg.eval.crf_workers,
+        scales=ev.scales,
+        flip=ev.flip,
+        crf=CRFParams() if ev.crf else None,
+        crf_workers=ev.crf_workers,
         max_images=args.max_images,
         amp=cfg.train.amp,
+        merge=ev.merge,
+        resize_long=ev.resize_long,
     )
     class_names = list(ckpt.get("class_names") or getattr(dataset, "class_names", []))
     report = {
@@ -117,9 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint),
             "config": cfg.name,
             "split": split,
-            "scales": list(scales),
-            "flip": args.flip,
-            "crf": args.crf,
+            **_protocol_settings(ev),
             "max_images": args.max_images,
         },
     }
@@ -150,15 +181,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     net.to(device).eval()
     out_dir = Path(args.out)
-    scales = cfg.eval.msc_scales if args.msc else cfg.eval.scales
-    crf = CRFParams() if args.crf else None
+    ev = _protocol(cfg, args)
+    crf = CRFParams() if ev.crf else None
     paths = _collect_images(args.inputs)
     for path in tqdm(paths, desc="predict"):
         image = read_image(path)
         tensor = to_network_input(image, device)
         label = (
             predict_labels(
-                net, tensor, image[None], scales=scales, flip=args.flip, crf=crf, amp=cfg.train.amp
+                net,
+                tensor,
+                image[None],
+                scales=ev.scales,
+                flip=ev.flip,
+                crf=crf,
+                amp=cfg.train.amp,
+                merge=ev.merge,
+                resize_long=ev.resize_long,
             )[0]
             .cpu()
             .numpy()
@@ -328,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    def add_protocol(q: argparse.ArgumentParser) -> None:
+        g = q.add_argument_group(
+            "inference protocol", "default: the eval section of the checkpoint's config (or of --config)"
+        )
+        g.add_argument("--scales", type=float, nargs="+", default=None, help="eval.scales, e.g. 1.0 0.5 0.75")
+        g.add_argument("--merge", choices=("max", "mean"), default=None, help="eval.merge")
+        g.add_argument("--resize-long", type=int, default=None, help="eval.resize_long (0: native size)")
+        g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="eval.flip")
+        g.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="eval.crf")
+
     def add_ckpt(q: argparse.ArgumentParser) -> None:
         q.add_argument("--checkpoint", required=True, type=Path)
         q.add_argument("--config", default=None, help="check the checkpoint against this config")
@@ -337,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt(p)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (data.root=...)")
     p.add_argument("--split", default=None)
-    p.add_argument("--msc", action="store_true", help="multi-scale inference (eval.msc_scales)")
-    p.add_argument("--flip", action="store_true")
-    p.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    add_protocol(p)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="metrics JSON")
     p.set_defaults(func=cmd_evaluate)
@@ -348,9 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt(p)
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--msc", action="store_true")
-    p.add_argument("--flip", action="store_true")
-    p.add_argument("--crf", action="store_true")
+    add_protocol(p)
     p.set_defaults(func=cmd_predict, overrides=[])
 
     p = sub.add_parser("pseudo-labels", help="export PAR-refined CAM and CARM pseudo-labels of a split")

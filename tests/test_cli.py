@@ -49,6 +49,33 @@ def test_evaluate_writes_metrics_json(
     assert "| mIoU" in capsys.readouterr().out
 
 
+def test_evaluate_runs_the_configs_protocol_and_flags_override_it(trained: Path, tmp_path: Path) -> None:
+    ckpt = str(trained / "last.pth")
+    out = tmp_path / "m.json"
+    # no flags: the checkpoint config's eval section (synthetic: scales 0.75/1/1.25, mean, flip, CRF)
+    assert main(["evaluate", "--checkpoint", ckpt, "--max-images", "2", "--out", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["scales"] == [0.75, 1.0, 1.25] and settings["merge"] == "mean"
+    assert settings["flip"] is True and settings["crf"] is True and settings["resize_long"] == 0
+    # --config voc carries AFA's protocol
+    from ecaseg.engine.config import load_config
+
+    voc = load_config("voc").eval
+    assert (voc.scales, voc.merge, voc.resize_long, voc.flip, voc.crf) == (
+        (1.0, 0.5, 0.75),
+        "max",
+        512,
+        True,
+        True,
+    )
+    # flags override single keys
+    args = ["--scales", "1.0", "--merge", "max", "--resize-long", "64", "--no-flip", "--no-crf"]
+    assert main(["evaluate", "--checkpoint", ckpt, "--max-images", "2", *args, "--out", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["scales"] == [1.0] and settings["merge"] == "max" and settings["resize_long"] == 64
+    assert settings["flip"] is False and settings["crf"] is False
+
+
 def test_predict_writes_palette_masks_and_overlays(trained: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()

@@ -63,3 +63,80 @@ def test_wsss_classifier_f1_matches_thresholded_logits() -> None:
         f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else float("nan"))
     expected = float(np.nanmean(f1))
     assert abs(result["cls_f1"] - expected) < 1e-6, (result["cls_f1"], f1)
+
+
+# --- AFA's inference protocol (scripts/test_msc_flip.py), re-derived on identical inputs -----------------
+
+
+def _afa_reference_logits(
+    net: ECANet, image: torch.Tensor, scales: list[float], resize_long: int
+) -> torch.Tensor:
+    """What AFA's ``validate`` computes for one image, written out step by step from its description:
+
+    resize the long side to ``resize_long`` (int() of the scaled sides); run the image and its flip; the
+    first (scale 1) logits set the grid; each other scale is made with ``scale_factor=s``; every pair is
+    brought to the grid, the flip flipped back and the two averaged; the maximum over scales is taken and
+    brought to the label's size.
+    """
+    _, _, h, w = image.shape
+    ratio = resize_long / max(h, w)
+    inputs = torch.nn.functional.interpolate(
+        image, size=(int(h * ratio), int(w * ratio)), mode="bilinear", align_corners=False
+    )
+    segs_list = []
+    segs_cat = net.forward_seg(torch.cat([inputs, inputs.flip(-1)], dim=0))
+    segs_list.append((segs_cat[0] + segs_cat[1].flip(-1)) / 2)
+    gh, gw = segs_cat.shape[-2:]
+    for s in scales:
+        if s == 1.0:
+            continue
+        small = torch.nn.functional.interpolate(inputs, scale_factor=s, mode="bilinear", align_corners=False)
+        segs_cat = net.forward_seg(torch.cat([small, small.flip(-1)], dim=0))
+        segs_cat = torch.nn.functional.interpolate(
+            segs_cat, size=(gh, gw), mode="bilinear", align_corners=False
+        )
+        segs_list.append((segs_cat[0] + segs_cat[1].flip(-1)) / 2)
+    merged = torch.max(torch.stack(segs_list, dim=0), dim=0)[0].unsqueeze(0)
+    return torch.nn.functional.interpolate(merged, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def test_max_merge_equals_afa_test_script_on_identical_inputs() -> None:
+    from ecaseg.engine.inference import predict_logits_max
+
+    net, _ = _setup()
+    net.eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for h, w in ((75, 100), (100, 60), (64, 64)):  # landscape, portrait, square; VOC-like odd sizes
+            image = torch.randn(1, 3, h, w, generator=gen)
+            ours = predict_logits_max(net, image, scales=(1.0, 0.5, 0.75), flip=True, resize_long=128)
+            ref = _afa_reference_logits(net, image, [1.0, 0.5, 0.75], 128)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+            probs = predict_probs(
+                net, image, scales=(1.0, 0.5, 0.75), flip=True, merge="max", resize_long=128
+            )
+            assert torch.equal(probs.argmax(1), ref.argmax(1))
+
+
+def test_mean_merge_is_the_0_1_rule_and_differs_from_max() -> None:
+    net, _ = _setup()
+    net.eval()
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    mean = predict_probs(net, images, scales=(1.0, 0.5, 0.75), flip=True, merge="mean")
+    manual = torch.zeros_like(mean)
+    with torch.no_grad():
+        for s in (1.0, 0.5, 0.75):
+            size = (max(round(64 * s), 16), max(round(96 * s), 16))
+            for flipped in (False, True):
+                x = (
+                    torch.nn.functional.interpolate(images, size=size, mode="bilinear")
+                    if s != 1.0
+                    else images
+                )
+                x = x.flip(-1) if flipped else x
+                logits = torch.nn.functional.interpolate(net.forward_seg(x), size=(64, 96), mode="bilinear")
+                p = logits.softmax(1)
+                manual += p.flip(-1) if flipped else p
+    torch.testing.assert_close(mean, manual / 6)
+    maxed = predict_probs(net, images, scales=(1.0, 0.5, 0.75), flip=True, merge="max", resize_long=0)
+    assert not torch.allclose(mean, maxed)

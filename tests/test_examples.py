@@ -112,7 +112,8 @@ def test_train_voc_example_trains_from_official_checkpoint_files(tmp_path: Path)
         "method.cam_scales=[1.0]",
         "method.par_dilations=[1,2]",
         "method.par_iters=2",
-        "eval.msc_scales=[1.0]",
+        "eval.scales=[1.0]",
+        "eval.crf=false",
     ]
     load("train_voc").main(
         ["--voc", str(voc), "--mit", str(mit), "--dino", str(dino), "--work-dir", str(work), *small]

@@ -150,18 +150,29 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Inference settings (multi-scale + flip, dense CRF).
+    """The inference protocol (the paper's Sec. 4.1: "following the common practice in WSSS, multi-scale
+    inference and CRF"; the defaults are AFA's released ``test_msc_flip.py``).
 
-    ``scales`` is single-scale inference; ``msc_scales``, ``flip`` and ``crf`` together are the paper's
-    inference protocol (Sec. 4.1), which ``ecaseg demo`` applies to all three of its models. ``ecaseg
-    evaluate`` and ``predict`` choose with their flags (``--msc`` picks ``msc_scales``; ``--flip``;
-    ``--crf``).
+    ``ecaseg evaluate`` and ``ecaseg predict`` run the protocol of the checkpoint's config (or of
+    ``--config``); their flags override single keys. ``ecaseg demo`` evaluates every model with it and
+    once more single-scale without flip and CRF.
+
+    Attributes:
+        scales: input scale factors (AFA: 1.0, 0.5, 0.75).
+        merge: ``"max"``: flip-averaged logits, element-wise maximum over scales (AFA); ``"mean"``: softmax
+            probabilities averaged over scales and flips (ecaseg 0.1).
+        resize_long: resize the long side of each image to this before inference (AFA: 512); 0 keeps it.
+        flip: add horizontally flipped inputs.
+        crf: dense CRF on the merged probabilities (AFA's parameters, :class:`ecaseg.crf.CRFParams`).
+        crf_workers: CRF worker processes (0: in-process).
+        cam_alpha: background threshold of the CAM figures of validation.
     """
 
-    scales: tuple[float, ...] = (1.0,)
-    msc_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
-    flip: bool = False
-    crf: bool = False
+    scales: tuple[float, ...] = (1.0, 0.5, 0.75)
+    merge: Literal["max", "mean"] = "max"
+    resize_long: int = 512
+    flip: bool = True
+    crf: bool = True
     crf_workers: int = 0
     cam_alpha: float = 0.5
 
@@ -191,6 +202,15 @@ class Config:
             (m.local_views >= 1, f"method.local_views must be >= 1, got {m.local_views}"),
             (m.par_downsample >= 1, f"method.par_downsample must be >= 1, got {m.par_downsample}"),
             (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (
+                len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
+                f"eval.scales must be a non-empty list of positive factors, got {list(self.eval.scales)}",
+            ),
+            (
+                self.eval.resize_long >= 0,
+                f"eval.resize_long must be >= 0 (0: native size), got {self.eval.resize_long}",
+            ),
+            (self.eval.crf_workers >= 0, f"eval.crf_workers must be >= 0, got {self.eval.crf_workers}"),
             (self.train.max_iters >= 1, f"train.max_iters must be >= 1, got {self.train.max_iters}"),
             (
                 self.data.crop_size % 16 == 0,
@@ -409,8 +429,22 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return result
 
 
+#: Keys of older configs that a checkpoint may still hold: ``section -> {key: reason}``; they are dropped.
+LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "eval": {"msc_scales": "0.1: multi-scale scales; 0.2 runs eval.scales with eval.merge"},
+}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :func:`config_to_dict` (used to restore a checkpoint's config)."""
+    """Inverse of :func:`config_to_dict` (used to restore a checkpoint's config).
+
+    Keys of :data:`LEGACY_KEYS` (written by older ecaseg versions) are dropped, so old checkpoints load.
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, keys in LEGACY_KEYS.items():
+        if isinstance(data.get(section), dict):
+            for key in keys:
+                data[section].pop(key, None)
     cfg = Config()
     _apply(cfg, data, "")
     return cfg.validate()

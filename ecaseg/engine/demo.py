@@ -5,7 +5,7 @@ no CCE, affinity learning from CAM) and the fully supervised upper bound — eva
 and writes ``report.md``, ``metrics.json`` and figures to the output folder.
 
 Each model's segmentation is evaluated twice, with one protocol for all three: the paper's inference
-protocol (multi-scale ``eval.msc_scales``, ``eval.flip``, dense CRF if ``eval.crf``; Sec. 4.1) gives
+protocol (the config's ``eval`` section: scales, merge rule, flip, dense CRF; Sec. 4.1) gives
 ``seg_miou``, ``baseline_seg_miou``, ``supervised_seg_miou`` and ``ratio``; single-scale inference without
 CRF gives the ``*_plain`` figures.
 """
@@ -133,7 +133,13 @@ def run_demo(
         "seed": seed,
         "quick": quick,
         "overrides": list(overrides),
-        "protocol": {"scales": list(ev.msc_scales), "flip": ev.flip, "crf": ev.crf},
+        "protocol": {
+            "scales": list(ev.scales),
+            "merge": ev.merge,
+            "resize_long": ev.resize_long,
+            "flip": ev.flip,
+            "crf": ev.crf,
+        },
         "cam_pseudo_miou": eca_wsss["cam_pseudo_miou"],
         "carm_pseudo_miou": eca_wsss.get("carm_pseudo_miou", float("nan")),
         "cam_miou": eca_wsss["cam_miou"],
@@ -161,11 +167,13 @@ def _evaluate(trainer: ECATrainer, cfg: Config, dataset: Any, final: bool) -> di
         trainer.net,
         dataset,
         device=trainer.device,
-        scales=ev.msc_scales if final else (1.0,),
+        scales=ev.scales if final else (1.0,),
         flip=ev.flip and final,
         crf=CRFParams() if final and ev.crf else None,
         crf_workers=ev.crf_workers,
         progress=False,
+        merge=ev.merge if final else "mean",
+        resize_long=ev.resize_long if final else 0,
     )
     seg.pop("confusion", None)
     return dict(seg)

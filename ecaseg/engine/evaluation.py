@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
 from ecaseg.crf import CRFParams, dense_crf
-from ecaseg.engine.inference import autocast_context, predict_labels, predict_probs
+from ecaseg.engine.inference import MergeRule, autocast_context, predict_labels, predict_probs
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.engine.visualize import to_rgb_uint8
 from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
@@ -56,8 +56,13 @@ def evaluate_segmentation(
     amp: str = "none",
     num_workers: int = 0,
     progress: bool = True,
+    merge: MergeRule = "mean",
+    resize_long: int = 0,
 ) -> dict[str, Any]:
     """mIoU of the segmentation decoder on a dataset with masks (the evaluation transform applied).
+
+    ``scales``, ``flip``, ``merge``, ``resize_long`` and ``crf`` are the inference protocol (see
+    :func:`ecaseg.engine.inference.predict_probs`; the paper configs' ``eval`` section holds AFA's).
 
     Returns:
         :meth:`~ecaseg.metrics.SegmentationMetric.compute`'s dict (``miou``, ``per_class_iou``,
@@ -80,9 +85,20 @@ def evaluate_segmentation(
             images = sample["image"][None].to(device)
             target = sample["mask"][None].to(device)
             if crf is None:
-                metric.update(predict_labels(net, images, scales=scales, flip=flip, amp=amp), target)
+                metric.update(
+                    predict_labels(
+                        net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
+                    ),
+                    target,
+                )
                 continue
-            probs = predict_probs(net, images, scales=scales, flip=flip, amp=amp)[0].cpu().numpy()
+            probs = (
+                predict_probs(
+                    net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
+                )[0]
+                .cpu()
+                .numpy()
+            )
             rgb = to_rgb_uint8(images)[0]
             if pool is None:
                 metric.update(torch.from_numpy(dense_crf(rgb, probs, crf))[None].to(device), target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -18,11 +19,14 @@ from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
 
 __all__ = [
+    "MergeRule",
     "autocast_context",
     "colorize",
     "overlay",
     "predict_labels",
+    "predict_logits_max",
     "predict_probs",
+    "resize_long_side",
     "to_network_input",
     "write_png",
 ]
@@ -43,6 +47,107 @@ def to_network_input(image: np.ndarray, device: torch.device) -> Tensor:
     return ((tensor - mean) / std)[None]
 
 
+MergeRule = Literal["max", "mean"]
+"""How :func:`predict_probs` merges scales: ``"max"`` (AFA's released test script, the default of the paper
+configs) or ``"mean"`` (ecaseg 0.1: softmax probabilities averaged over scales and flips)."""
+
+
+def resize_long_side(images: Tensor, resize_long: int) -> Tensor:
+    """Resize ``[B, 3, H, W]`` so that the long side is ``resize_long`` (bilinear; ``0`` keeps the size).
+
+    The short side is ``int(short * resize_long / long)`` (truncated), as AFA's test script computes it.
+
+    Example:
+        >>> resize_long_side(torch.zeros(1, 3, 375, 500), 512).shape
+        torch.Size([1, 3, 384, 512])
+    """
+    if resize_long <= 0:
+        return images
+    height, width = images.shape[-2:]
+    ratio = resize_long / max(height, width)
+    size = (max(1, int(height * ratio)), max(1, int(width * ratio)))
+    if size == (height, width):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+#: Smallest side fed to the network: MiT's first spatial-reduction convolution (kernel 8 on the stride-4
+#: map) needs 32 px; smaller images (or scales) are enlarged to it and the output brought back.
+MIN_INPUT_SIDE = 32
+
+
+def _at_least(size: tuple[int, int]) -> tuple[int, int]:
+    short = min(size)
+    if short >= MIN_INPUT_SIDE:
+        return size
+    ratio = MIN_INPUT_SIDE / short
+    return max(MIN_INPUT_SIDE, round(size[0] * ratio)), max(MIN_INPUT_SIDE, round(size[1] * ratio))
+
+
+def _ordered_scales(scales: Sequence[float]) -> list[float]:
+    if len(scales) == 0 or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty list of positive factors, got {list(scales)}")
+    return sorted(scales, key=lambda s: s != 1.0)  # scale 1.0 first: it sets the logit grid
+
+
+@torch.no_grad()
+def predict_logits_max(
+    net: ECANet,
+    images: Tensor,
+    scales: Sequence[float] = (1.0, 0.5, 0.75),
+    flip: bool = True,
+    resize_long: int = 512,
+    amp: str = "none",
+) -> Tensor:
+    """Segmentation logits merged as AFA's released test script merges them (``eval.merge: max``).
+
+    The images are resized so that the long side is ``resize_long`` (:func:`resize_long_side`). For every
+    scale ``s`` (1.0 first) the input is rescaled with ``F.interpolate(x, scale_factor=s)`` (AFA's call),
+    the image and its horizontal flip go through the decoder in one batch, both logit maps are resized to
+    the decoder grid of the first scale, the flipped one is flipped back and the two are averaged; the
+    merged logits are the element-wise **maximum** over scales, resized bilinearly to the input's size.
+
+    Args:
+        net: the segmentation network (``forward_seg``).
+        images: ``[B, 3, H, W]`` normalised images.
+        scales: input scale factors (AFA: 1.0, 0.5, 0.75).
+        flip: average each scale's logits with those of the flipped input.
+        resize_long: long side the images are resized to first (AFA: 512); 0 keeps their size.
+        amp: ``"bf16"`` for autocast on CUDA.
+
+    Returns:
+        ``[B, K, H, W]`` float32 logits.
+    """
+    height, width = images.shape[-2:]
+    base = resize_long_side(images, resize_long)
+    base_hw = (int(base.shape[-2]), int(base.shape[-1]))
+    if _at_least(base_hw) != base_hw:
+        base = F.interpolate(base, size=_at_least(base_hw), mode="bilinear", align_corners=False)
+    batch = images.shape[0]
+    merged: Tensor | None = None
+    grid: tuple[int, int] | None = None
+    for scale in _ordered_scales(scales):
+        if scale == 1.0:
+            x = base
+        elif min(int(base.shape[-2] * scale), int(base.shape[-1] * scale)) >= MIN_INPUT_SIDE:
+            x = F.interpolate(base, scale_factor=scale, mode="bilinear", align_corners=False)  # AFA's call
+        else:
+            small = (round(base.shape[-2] * scale), round(base.shape[-1] * scale))
+            x = F.interpolate(base, size=_at_least(small), mode="bilinear", align_corners=False)
+        x = torch.cat([x, x.flip(-1)]) if flip else x
+        with autocast_context(images.device, amp):
+            logits = net.forward_seg(x).float()
+        if grid is None:
+            grid = (logits.shape[-2], logits.shape[-1])
+        elif (logits.shape[-2], logits.shape[-1]) != grid:
+            logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
+        if flip:
+            logits = (logits[:batch] + logits[batch:].flip(-1)) / 2
+        merged = logits if merged is None else torch.maximum(merged, logits)
+    assert merged is not None
+    return F.interpolate(merged, size=(height, width), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def predict_probs(
     net: ECANet,
@@ -50,24 +155,41 @@ def predict_probs(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     amp: str = "none",
+    merge: MergeRule = "mean",
+    resize_long: int = 0,
 ) -> Tensor:
-    """Class probabilities averaged over scales (and horizontal flips).
+    """Class probabilities of the segmentation decoder under an inference protocol.
+
+    * ``merge="max"``: softmax of :func:`predict_logits_max` (AFA's test script: long side
+      ``resize_long``, flip-averaged logits, maximum over scales);
+    * ``merge="mean"``: softmax probabilities averaged over scales and flips (ecaseg 0.1's rule): each
+      scale's input is resized to ``round(s * H) x round(s * W)`` (short side at least 32), its
+      probabilities are brought back to the input size bilinearly; after a ``resize_long`` resize they are
+      resized to the original size.
 
     Args:
         net: the segmentation network.
         images: ``[B, 3, H, W]`` normalised images.
-        scales: input rescaling factors (the paper's msc: 0.5, 0.75, 1.0, 1.25, 1.5).
+        scales: input rescaling factors.
         flip: also run the flipped images.
         amp: ``"bf16"`` for autocast on CUDA.
+        merge: ``"max"`` or ``"mean"`` (see above).
+        resize_long: resize the long side to this first (0: native size).
 
     Returns:
-        ``[B, K, H, W]`` float32 probabilities.
+        ``[B, K, H, W]`` float32 probabilities at the input's size.
     """
+    if merge == "max":
+        return predict_logits_max(net, images, scales, flip, resize_long, amp).softmax(dim=1)
+    if merge != "mean":
+        raise ValueError(f"merge must be 'max' or 'mean', got {merge!r}")
+    out_hw = images.shape[-2:]
+    images = resize_long_side(images, resize_long)
     height, width = images.shape[-2:]
     total = torch.zeros(images.shape[0], net.num_classes, height, width, device=images.device)
     count = 0
     for scale in scales:
-        size = (max(round(height * scale), 16), max(round(width * scale), 16))
+        size = _at_least((max(round(height * scale), 16), max(round(width * scale), 16)))
         scaled = images if size == (height, width) else F.interpolate(images, size=size, mode="bilinear")
         batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
         with autocast_context(images.device, amp):
@@ -81,7 +203,10 @@ def predict_probs(
         else:
             count += 1
         total += probs
-    return total / count
+    probs = total / count
+    if probs.shape[-2:] != out_hw:
+        probs = F.interpolate(probs, size=out_hw, mode="bilinear", align_corners=False)
+    return probs
 
 
 def predict_labels(
@@ -93,12 +218,16 @@ def predict_labels(
     crf: CRFParams | None = None,
     crf_workers: int = 0,
     amp: str = "none",
+    merge: MergeRule = "mean",
+    resize_long: int = 0,
 ) -> Tensor:
     """Label maps ``[B, H, W]``: argmax of :func:`predict_probs`, refined by dense CRF if ``crf`` is given.
 
     ``rgb`` (``[B, H, W, 3]`` uint8) is the unnormalised image, needed by the CRF.
     """
-    probs = predict_probs(net, images, scales=scales, flip=flip, amp=amp)
+    probs = predict_probs(
+        net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
+    )
     if crf is None:
         return probs.argmax(dim=1)
     if rgb is None:
