@@ -505,11 +505,24 @@ def test_param_groups_cover_parameters_once():
     assert {id(p) for p in by_name["heads"]["params"]} == heads
     assert by_name["heads"]["lr"] == pytest.approx(6e-4) and by_name["heads"]["weight_decay"] == 0.01
     assert by_name["backbone"]["lr"] == 6e-5 and by_name["backbone"]["weight_decay"] == 0.01
-    assert by_name["backbone_no_decay"]["weight_decay"] == 0.0
-    assert all(p.ndim <= 1 for p in by_name["backbone_no_decay"]["params"])
-    assert all(p.ndim >= 2 for p in by_name["backbone"]["params"])
-    assert id(net.backbone.norm4.weight) in {id(p) for p in by_name["backbone_no_decay"]["params"]}
+    # AFA's get_param_groups: "norm" in the name -> lr 0, no decay; every other backbone parameter
+    # (biases included) -> lr, weight decay
+    names = {id(p): n for n, p in net.backbone.named_parameters() if p.requires_grad}
+    norm_ids = {i for i, n in names.items() if "norm" in n}
+    assert {id(p) for p in by_name["backbone_norm"]["params"]} == norm_ids
+    assert {id(p) for p in by_name["backbone"]["params"]} == set(names) - norm_ids
+    assert by_name["backbone_norm"]["lr"] == 0.0 and by_name["backbone_norm"]["weight_decay"] == 0.0
+    assert any(p.ndim == 1 for p in by_name["backbone"]["params"])  # biases keep their weight decay
+    assert id(net.backbone.norm4.weight) in norm_ids and id(net.backbone.block1[0].norm1.bias) in norm_ids
     torch.optim.AdamW(groups, lr=6e-5)  # accepted by torch as is
+    # ecaseg 0.1's groups stay reachable
+    old = {
+        g["name"]: g
+        for g in net.param_groups(6e-5, 0.01, backbone_norm_lr_mult=1.0, decay_groups="no_bias_decay")
+    }
+    assert old["backbone_no_decay"]["weight_decay"] == 0.0 and old["backbone_no_decay"]["lr"] == 6e-5
+    assert all(p.ndim <= 1 for p in old["backbone_no_decay"]["params"])
+    assert all(p.ndim >= 2 for p in old["backbone"]["params"])
 
 
 def test_ecanet_with_weights_and_bad_config(tmp_path):

@@ -127,11 +127,25 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
+    #: learning-rate factor of the classifier, affinity projection and decoder (AFA: 10)
+    head_lr_mult: float = 10.0
+    #: learning-rate factor of the backbone's norm layers (AFA: 0.0, frozen)
+    backbone_norm_lr_mult: float = 0.0
+    #: ``"afa"``: backbone norms (``"norm"`` in the name) without weight decay, everything else of the
+    #: backbone (biases included) with it (AFA's ``get_param_groups``); ``"no_bias_decay"``: ecaseg 0.1's
+    #: groups (no decay on any 1-d backbone parameter, i.e. norms and biases, which take
+    #: ``backbone_norm_lr_mult``)
+    decay_groups: Literal["afa", "no_bias_decay"] = "afa"
 
 
 @dataclass
 class TrainConfig:
-    """Schedule, logging and checkpointing."""
+    """Schedule, logging and checkpointing.
+
+    ``batch_size`` is the global batch (the paper's 8), divided evenly over the processes of a
+    ``torchrun`` job (a clear error when it does not divide). ``amp``: ``"none"`` (fp32, as the paper and
+    AFA train) or ``"bf16"`` autocast on CUDA (faster; the CARM anchors stay in fp32 either way).
+    """
 
     max_iters: int = 18000
     batch_size: int = 8
@@ -140,7 +154,7 @@ class TrainConfig:
     log_interval: int = 50
     val_interval: int = 2000
     ckpt_interval: int = 2000
-    amp: Literal["bf16", "none"] = "bf16"
+    amp: Literal["bf16", "none"] = "none"
     device: str = "auto"
     compile: bool = False
     channels_last: bool = False

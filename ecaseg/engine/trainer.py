@@ -56,7 +56,7 @@ from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabelPipeline, PseudoLabels
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
-from ecaseg.errors import CheckpointError
+from ecaseg.errors import CheckpointError, ConfigError
 from ecaseg.models import ECANet
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
@@ -166,6 +166,13 @@ class ECATrainer:
         self.progress = progress
         self.rank = get_rank()
         self.world_size = get_world_size()
+        if config.train.batch_size % self.world_size:
+            raise ConfigError(
+                f"train.batch_size={config.train.batch_size} is the global batch and must divide evenly over "
+                f"the {self.world_size} processes; use a multiple of {self.world_size}"
+            )
+        #: images per process and step (``train.batch_size`` is the global batch)
+        self.local_batch_size = config.train.batch_size // self.world_size
         self.device = self._select_device(config.train.device)
         self._seed_everything(config.train.seed + self.rank)
         m = config.method
@@ -222,8 +229,16 @@ class ECATrainer:
             )
         if config.train.compile:
             self.forward_module = torch.compile(self.forward_module)  # type: ignore[assignment]
+        o = config.optim
         self.optimizer = torch.optim.AdamW(
-            self.net.param_groups(config.optim.lr, config.optim.weight_decay), betas=config.optim.betas
+            self.net.param_groups(
+                o.lr,
+                o.weight_decay,
+                head_lr_mult=o.head_lr_mult,
+                backbone_norm_lr_mult=o.backbone_norm_lr_mult,
+                decay_groups=o.decay_groups,
+            ),
+            betas=o.betas,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -264,12 +279,12 @@ class ECATrainer:
             seed=cfg.train.seed,
             rank=self.rank,
             world_size=self.world_size,
-            start=self.iteration * cfg.train.batch_size,
+            start=self.iteration * self.local_batch_size,
         )
         drop = () if cfg.method.fully_supervised else ("mask",)
         return DataLoader(
             SeededDataset(self.train_dataset, drop_keys=drop),
-            batch_size=cfg.train.batch_size,
+            batch_size=self.local_batch_size,
             sampler=sampler,
             num_workers=cfg.data.num_workers,
             collate_fn=_collate,
@@ -554,8 +569,15 @@ class ECATrainer:
         if step.pseudo is None:
             return
         n = min(self.cfg.train.num_vis_images, batch["image"].shape[0])
-        with torch.no_grad():
-            pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
+        # eval mode: under DDP the decoder's SyncBatchNorm is a collective in training mode, and this
+        # forward runs on rank 0 only; in eval mode it uses the running statistics and talks to no one
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
+        finally:
+            self.net.train(was_training)
         grid = training_panels(batch["image"][:n], step.pseudo, pred, n)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
 

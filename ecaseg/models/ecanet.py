@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -247,16 +247,27 @@ class ECANet(nn.Module):
         return self.decoder(self.backbone(x))
 
     def param_groups(
-        self, lr: float, weight_decay: float, *, head_lr_mult: float = 10.0, no_decay_lr_mult: float = 1.0
+        self,
+        lr: float,
+        weight_decay: float,
+        *,
+        head_lr_mult: float = 10.0,
+        backbone_norm_lr_mult: float = 0.0,
+        decay_groups: Literal["afa", "no_bias_decay"] = "afa",
     ) -> list[dict[str, Any]]:
-        """Optimiser parameter groups (AFA's scheme, for AdamW).
+        """Optimiser parameter groups for AdamW.
 
-        * ``"backbone"``: backbone weights of dimension >= 2, at ``lr`` with ``weight_decay``;
-        * ``"backbone_no_decay"``: backbone LayerNorm weights and all backbone biases, at
-          ``lr * no_decay_lr_mult`` without weight decay (AFA's release froze its backbone norms with
-          learning rate 0: pass ``no_decay_lr_mult=0.0`` to reproduce that);
+        ``decay_groups="afa"`` (AFA's released ``get_param_groups``, the default):
+
+        * ``"backbone"``: every backbone parameter whose name does not contain ``"norm"`` (biases
+          included), at ``lr`` with ``weight_decay``;
+        * ``"backbone_norm"``: the backbone's norm layers (``"norm"`` in the name), at
+          ``lr * backbone_norm_lr_mult`` (AFA: 0, frozen) without weight decay;
         * ``"heads"``: classifier, attention projection, decoder (and the attention probe of a ``timm:``
           backbone), at ``head_lr_mult * lr`` (10x) with ``weight_decay``.
+
+        ``decay_groups="no_bias_decay"`` (ecaseg 0.1): the second group holds every 1-d backbone parameter
+        (norm weights and all biases) instead, still at ``lr * backbone_norm_lr_mult`` without decay.
 
         Only parameters with ``requires_grad`` are included; each appears exactly once. Every group carries
         a ``"name"`` key (kept by torch optimisers) and its ``"lr"``.
@@ -265,11 +276,14 @@ class ECANet(nn.Module):
             lr: Base learning rate (6e-5 in the paper).
             weight_decay: Weight decay (0.01 in the paper).
             head_lr_mult: Learning-rate factor of the new heads.
-            no_decay_lr_mult: Learning-rate factor of the backbone norms/biases.
+            backbone_norm_lr_mult: Learning-rate factor of the second backbone group.
+            decay_groups: ``"afa"`` or ``"no_bias_decay"`` (see above).
 
         Returns:
             A list of 3 dicts with ``name``, ``params``, ``lr``, ``weight_decay``.
         """
+        if decay_groups not in ("afa", "no_bias_decay"):
+            raise ValueError(f"decay_groups must be 'afa' or 'no_bias_decay', got {decay_groups!r}")
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         heads: list[nn.Parameter] = []
@@ -278,6 +292,8 @@ class ECANet(nn.Module):
                 continue
             if isinstance(self.backbone, TimmBackbone) and name.startswith("attn_"):
                 heads.append(p)  # the attention probe is new, like the affinity projection
+            elif decay_groups == "afa":
+                (no_decay if "norm" in name else decay).append(p)
             else:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         heads += [
@@ -286,13 +302,9 @@ class ECANet(nn.Module):
             for p in m.parameters()
             if p.requires_grad
         ]
+        second = "backbone_norm" if decay_groups == "afa" else "backbone_no_decay"
         return [
             {"name": "backbone", "params": decay, "lr": lr, "weight_decay": weight_decay},
-            {
-                "name": "backbone_no_decay",
-                "params": no_decay,
-                "lr": lr * no_decay_lr_mult,
-                "weight_decay": 0.0,
-            },
+            {"name": second, "params": no_decay, "lr": lr * backbone_norm_lr_mult, "weight_decay": 0.0},
             {"name": "heads", "params": heads, "lr": lr * head_lr_mult, "weight_decay": weight_decay},
         ]
