@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 __all__ = [
     "CAM",
     "CAMModel",
+    "CAMRule",
     "MultiScaleCAM",
     "background_cam",
     "cam_from_features",
@@ -37,9 +38,17 @@ __all__ = [
 
 
 class CAMModel(Protocol):
-    """Anything with ``forward_cam(images [B,3,H,W]) -> raw CAM [B,C,h,w]`` (e.g. ``ECANet``)."""
+    """Anything with ``forward_cam(images [B,3,H,W]) -> raw CAM [B,C,h,w]`` (e.g. ``ECANet``).
+
+    ``multiscale_cam(..., rule="afa")`` also calls ``forward_cam(x, relu=False)`` (the response before the
+    ReLU), which ``ECANet`` supports.
+    """
 
     def forward_cam(self, x: Tensor) -> Tensor: ...
+
+
+CAMRule = Literal["sum", "afa"]
+"""How :func:`multiscale_cam` merges scales and flips: ecaseg 0.1's ``"sum"`` or AFA's ``"afa"``."""
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -168,15 +177,24 @@ def multiscale_cam(
     flip: bool = True,
     out_size: tuple[int, int] | None = None,
     eps: float = 1e-5,
+    rule: CAMRule = "sum",
 ) -> Tensor:
     """Multi-scale (and horizontally flipped) CAM of a network, normalised to ``[0, 1]``.
+
+    ``rule="afa"`` is AFA's released ``multi_scale_cam``: each scale's input is ``int(s * H) x int(s * W)``;
+    the response *before* the ReLU (``forward_cam(x, relu=False)``) of the image and of its flip is
+    resized bilinearly to ``out_size`` (default: the image size ``H x W``), the two are merged by their
+    element-wise maximum, then the ReLU is applied; the scales are summed and each map is min-max
+    normalised as ``(x - min) / (max - min + eps)``. Absent classes are zeroed. The rest of this docstring
+    describes ``rule="sum"`` (ecaseg 0.1, the default of this function).
 
     For every scale ``s`` the images are resized bilinearly to ``round(s * H) x round(s * W)``; with
     ``flip=True`` the flipped copies go through the network in the same batch. Each raw CAM
     (``model.forward_cam``, i.e. ReLU of the classifier, Eq. (1) before normalisation) is flipped back,
     resized bilinearly to ``out_size`` and all are summed; the sum is then min-max normalised per image and
-    class (the paper's normalisation -- AFA's code divides by the maximum instead, which differs only where
-    the minimum is not zero) and absent classes are zeroed.
+    class with :func:`minmax_normalize` (the paper's normalisation; AFA's ``x + maxpool(-x)``, then a
+    division by the maximum, is a min-max too, with ``eps`` added to the range instead of clamping it) and
+    absent classes are zeroed.
 
     Runs under :func:`torch.no_grad` (pseudo-labels carry no gradient); the model's train/eval mode is left
     as it is.
@@ -207,6 +225,10 @@ def multiscale_cam(
         raise ValueError("multiscale_cam needs at least one scale")
     if any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive, got {tuple(scales)}")
+    if rule == "afa":
+        return _multiscale_cam_afa(model, images, labels, scales, flip, out_size, eps)
+    if rule != "sum":
+        raise ValueError(f"rule must be 'sum' or 'afa', got {rule!r}")
     batch = images.shape[0]
     hw = (images.shape[-2], images.shape[-1])
     order = sorted(range(len(scales)), key=lambda i: scales[i] != 1.0)  # scale 1.0 first: it sets out_size
@@ -234,6 +256,54 @@ def multiscale_cam(
         assert total is not None
         _check_labels(labels, batch, total.shape[1])
         cams = minmax_normalize(total.relu(), eps)
+        return cams * _label_mask(labels, 4, cams.dtype)
+
+
+def _multiscale_cam_afa(
+    model: CAMModel,
+    images: Tensor,
+    labels: Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    out_size: tuple[int, int] | None,
+    eps: float,
+) -> Tensor:
+    """``multiscale_cam(rule="afa")``: resize, flip maximum, ReLU, sum over scales, min-max."""
+    batch = images.shape[0]
+    height, width = images.shape[-2:]
+    size = (height, width) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    forward: Any = model.forward_cam
+    total: Tensor | None = None
+    with torch.no_grad():
+        for s in sorted(scales, key=lambda v: v != 1.0):
+            x = images
+            if s != 1.0:
+                x = F.interpolate(
+                    images,
+                    size=(max(1, int(s * height)), max(1, int(s * width))),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+            if flip:
+                x = torch.cat([x, x.flip(-1)], dim=0)
+            try:
+                raw = forward(x, relu=False).float()
+            except TypeError as err:
+                raise TypeError(
+                    "multiscale_cam(rule='afa') needs forward_cam(x, relu=False) (the response before the "
+                    f"ReLU); {type(model).__name__}.forward_cam does not take relu ({err})"
+                ) from None
+            raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+            if flip:
+                raw = torch.maximum(raw[:batch], raw[batch:].flip(-1))
+            raw = raw.relu()
+            total = raw if total is None else total + raw
+        assert total is not None
+        _check_labels(labels, batch, total.shape[1])
+        flat = total.flatten(2)
+        lo = flat.amin(dim=-1, keepdim=True)
+        hi = (flat - lo).amax(dim=-1, keepdim=True)
+        cams = ((flat - lo) / (hi + eps)).view_as(total)
         return cams * _label_mask(labels, 4, cams.dtype)
 
 
@@ -364,11 +434,13 @@ class MultiScaleCAM(nn.Module):
         scales: Sequence[float] = (1.0, 0.5, 1.5),
         flip: bool = True,
         out_size: tuple[int, int] | None = None,
+        rule: CAMRule = "sum",
     ) -> None:
         super().__init__()
         self.scales = tuple(float(s) for s in scales)
         self.flip = flip
         self.out_size = out_size
+        self.rule: CAMRule = rule
 
     if TYPE_CHECKING:
 
@@ -385,7 +457,7 @@ class MultiScaleCAM(nn.Module):
         Returns:
             ``[B, C, h, w]`` float32 normalised CAM in ``[0, 1]``.
         """
-        return multiscale_cam(model, images, labels, self.scales, self.flip, self.out_size)
+        return multiscale_cam(model, images, labels, self.scales, self.flip, self.out_size, rule=self.rule)
 
     def extra_repr(self) -> str:
-        return f"scales={self.scales}, flip={self.flip}, out_size={self.out_size}"
+        return f"scales={self.scales}, flip={self.flip}, out_size={self.out_size}, rule={self.rule!r}"

@@ -25,6 +25,7 @@ from ecaseg.engine.builders import (
     build_dino,
     build_model,
     build_par,
+    build_pseudo_labeler,
     needs_dino,
 )
 from ecaseg.engine.config import (
@@ -215,19 +216,7 @@ def _labeler(cfg: Config, net: ECANet, ckpt: dict[str, Any], device: torch.devic
         carm = build_carm_generator(cfg, net.num_classes, net.feature_dim).to(device)
         if ckpt.get("carm") is not None:
             carm.load_state_dict(ckpt["carm"])
-    m = cfg.method
-    return PseudoLabelPipeline(
-        net,
-        build_par(cfg).to(device),
-        dino,
-        carm,
-        cam_scales=m.cam_scales,
-        cam_flip=m.cam_flip,
-        alpha=m.alpha,
-        band=m.band,
-        par_downsample=m.par_downsample,
-        carm_background=m.carm_background,
-    )
+    return build_pseudo_labeler(cfg, net, build_par(cfg).to(device), dino, carm)
 
 
 def cmd_pseudo_labels(args: argparse.Namespace) -> int:

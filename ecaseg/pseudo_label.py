@@ -44,6 +44,12 @@ def _argmax_labelled(maps: Tensor, present: Tensor) -> Tensor:
     return maps.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1)
 
 
+def _masked_softmax(maps: Tensor, present: Tensor) -> Tensor:
+    """Softmax over the background and the labelled classes of ``[B, K, H, W]``; other classes get 0."""
+    logits = maps.masked_fill(~present[:, :, None, None], float("-inf"))
+    return logits.softmax(dim=1)
+
+
 def refine_pseudo_label(
     par: Refiner | None,
     images_denorm: Tensor,
@@ -55,6 +61,8 @@ def refine_pseudo_label(
     ignore_index: int = 255,
     bg_scores: Tensor | None = None,
     validate: bool = True,
+    softmax: bool = False,
+    out_size: tuple[int, int] | None = None,
 ) -> Tensor:
     """Pixel pseudo-label from normalised foreground scores, background threshold and PAR refinement.
 
@@ -79,6 +87,12 @@ def refine_pseudo_label(
         bg_scores: Optional background map ``[B, 1, h', w']`` or ``[B, h', w']`` in ``[0, 1]``.
         validate: Check values (finite scores in ``[0, 1]``, 0/1 labels, finite images); reads values back
             to the host. Shapes are always checked.
+        softmax: Turn ``[background, labelled classes]`` into probabilities with a softmax before the
+            refinement (unlabelled classes get probability 0), as AFA's ``refine_cams_with_bkg_v2`` does;
+            ``False`` refines the scores themselves.
+        out_size: Bring the refined maps bilinearly to this size before the argmax (AFA's
+            ``_refine_cams`` does, after refining at half the image size); ``crop_box`` is then in its
+            pixel grid. ``None`` labels at the size of ``images_denorm``.
 
     Returns:
         LongTensor ``[B, H, W]`` with values in ``{0..C, ignore_index}``.
@@ -131,8 +145,12 @@ def refine_pseudo_label(
                     )
                 bg = _upsample(bg_map.float(), size)
             maps = torch.cat([bg, fg], dim=1)
+            if softmax:
+                maps = _masked_softmax(maps, present)
             if par is not None:
                 maps = par(images_denorm, maps)
+            if out_size is not None:
+                maps = _upsample(maps, out_size)
             label = _argmax_labelled(maps, present)
         else:
             low, high = band
@@ -143,8 +161,12 @@ def refine_pseudo_label(
                 ],
                 dim=0,
             )
+            if softmax:
+                maps = _masked_softmax(maps, torch.cat([present, present], dim=0))
             if par is not None:
                 maps = par(torch.cat([images_denorm, images_denorm], dim=0), maps)
+            if out_size is not None:
+                maps = _upsample(maps, out_size)
             both = _argmax_labelled(maps, torch.cat([present, present], dim=0))
             label_high, label_low = both[:batch], both[batch:]
             label = torch.where(
@@ -152,7 +174,7 @@ def refine_pseudo_label(
             )
             label = torch.where(label_high > 0, label_high, label)
     if crop_box is not None:
-        inside = crop_box_mask(crop_box.to(label.device), size)
+        inside = crop_box_mask(crop_box.to(label.device), size if out_size is None else out_size)
         label = torch.where(inside, label, torch.full_like(label, ignore_index))
     return label
 

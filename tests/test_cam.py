@@ -98,9 +98,10 @@ class _FakeNet(torch.nn.Module):
         gen = torch.Generator().manual_seed(3)
         self.weight = torch.nn.Parameter(torch.randn(num_classes, 3, generator=gen))
 
-    def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_cam(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
         pooled = F.avg_pool2d(x, 4, ceil_mode=True)
-        return torch.relu(torch.einsum("bdhw,cd->bchw", pooled, self.weight))
+        raw = torch.einsum("bdhw,cd->bchw", pooled, self.weight)
+        return torch.relu(raw) if relu else raw
 
 
 def _ref_multiscale(
@@ -229,3 +230,44 @@ def test_crop_box_mask() -> None:
     mask = crop_box_mask(torch.tensor([[1, 3, 0, 2], [0, 0, 0, 4]]), (4, 4))
     assert mask[0].nonzero().tolist() == [[1, 0], [1, 1], [2, 0], [2, 1]]
     assert not mask[1].any()
+
+
+def _afa_multi_scale_cam(net: _FakeNet, inputs: torch.Tensor, scales: list[float]) -> torch.Tensor:
+    """AFA's ``multi_scale_cam`` (utils/camutils.py) as it computes, step by step, on the same inputs."""
+    b, _, h, w = inputs.shape
+    cam_list = []
+    with torch.no_grad():
+        for s in [1.0] + [v for v in scales if v != 1.0]:
+            x = inputs if s == 1.0 else F.interpolate(inputs, size=(int(s * h), int(s * w)), mode="bilinear",
+                                                      align_corners=False)  # fmt: skip
+            cam = net.forward_cam(torch.cat([x, x.flip(-1)], dim=0), relu=False)  # conv2d, no ReLU
+            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+            cam = torch.max(cam[:b, ...], cam[b:, ...].flip(-1))
+            cam_list.append(F.relu(cam))
+        cam = torch.sum(torch.stack(cam_list, dim=0), dim=0)
+        cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
+        cam /= F.adaptive_max_pool2d(cam, (1, 1)) + 1e-5
+    return cam
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (45, 61)])
+def test_afa_rule_equals_afa_multi_scale_cam_on_identical_inputs(hw: tuple[int, int]) -> None:
+    net = _FakeNet(3)
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(2, 3, *hw, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    ours = multiscale_cam(net, images, labels, scales=(1.0, 0.5, 1.5), flip=True, rule="afa")
+    ref = _afa_multi_scale_cam(net, images, [1.0, 0.5, 1.5]) * labels[:, :, None, None]
+    assert ours.shape == (2, 3, *hw)  # at the image size, as AFA's
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    old = multiscale_cam(net, images, labels, scales=(1.0, 0.5, 1.5), flip=True, out_size=hw)  # 0.1's rule
+    assert not torch.allclose(old, ours, atol=1e-3)
+
+
+def test_afa_rule_needs_the_response_before_relu() -> None:
+    class OnlyRelu:
+        def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :2, ::4, ::4].relu()
+
+    with pytest.raises(TypeError, match="forward_cam does not take relu"):
+        multiscale_cam(OnlyRelu(), torch.randn(1, 3, 16, 16), torch.ones(1, 2), rule="afa")

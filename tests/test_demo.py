@@ -39,7 +39,13 @@ def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
         rel_tol=1e-9,
     )
     # the paper's inference protocol of the synthetic config, recorded with the figures
-    assert metrics["protocol"] == {"scales": [0.75, 1.0, 1.25], "flip": True, "crf": True}
+    assert metrics["protocol"] == {
+        "scales": [0.75, 1.0, 1.25],
+        "merge": "mean",
+        "resize_long": 0,
+        "flip": True,
+        "crf": True,
+    }
     # the two protocols are two evaluations (equal figures would mean the protocol was ignored)
     for prefix in ("", "baseline_", "supervised_"):
         assert metrics[f"{prefix}seg_miou"] != metrics[f"{prefix}seg_miou_plain"], prefix

@@ -154,3 +154,55 @@ def test_module_matches_function() -> None:
     # one rule for both forms: band and bg_scores exclude each other (0.1 let bg_scores win silently)
     with pytest.raises(ValueError, match="either band or bg_scores"):
         labeler(images, scores, labels, bg_scores=bg)
+
+
+# --- AFA's refine_cams_with_bkg_v2 (utils/camutils.py): softmax over [background, labelled CAMs] first ------
+
+
+def _afa_refine_cams_with_bkg_v2(par, images, cams, cls_labels, high, low, img_box, ignore=255):  # type: ignore[no-untyped-def]
+    """What AFA's function computes, written out per image as it does (same PAR module on both sides)."""
+    b, _, h, w = images.shape
+    small_images = F.interpolate(images, size=[h // 2, w // 2], mode="bilinear", align_corners=False)
+    with_bg = torch.cat([torch.ones(b, 1), cls_labels], dim=1)
+    per_threshold = []
+    for t in (high, low):
+        cams_bkg = torch.cat([torch.full((b, 1, h, w), t), cams], dim=1)
+        small = F.interpolate(cams_bkg, size=[h // 2, w // 2], mode="bilinear", align_corners=False)
+        label = torch.full((b, h, w), float(ignore))
+        for idx, (y0, y1, x0, x1) in enumerate(img_box.tolist()):
+            valid_key = torch.nonzero(with_bg[idx])[:, 0]
+            valid = small[idx, valid_key].unsqueeze(0).softmax(dim=1)
+            refined = F.interpolate(
+                par(small_images[[idx]], valid), size=(h, w), mode="bilinear", align_corners=False
+            )
+            full = valid_key[refined.argmax(dim=1)]
+            label[idx, y0:y1, x0:x1] = full[0, y0:y1, x0:x1].float()
+        per_threshold.append(label)
+    label_h, label_l = per_threshold
+    out = label_h.clone()
+    out[label_h == 0] = ignore
+    out[(label_h + label_l) == 0] = 0
+    return out.long()
+
+
+def test_softmax_refinement_equals_afa_refine_cams_with_bkg_v2() -> None:
+    from ecaseg.par import PAR
+
+    gen = torch.Generator().manual_seed(8)
+    b, c, h, w = 3, 4, 24, 32
+    images = torch.rand(b, 3, h, w, generator=gen)
+    cams = torch.rand(b, c, h, w, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    cams = cams * labels[:, :, None, None]
+    box = torch.tensor([[0, 24, 0, 32], [2, 20, 4, 30], [0, 16, 0, 32]])
+    par = PAR(dilations=(1, 2), num_iter=3)
+    small = F.interpolate(images, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
+    ours = refine_pseudo_label(
+        par, small, cams, labels, band=(0.35, 0.55), crop_box=box, softmax=True, out_size=(h, w)
+    )
+    ref = _afa_refine_cams_with_bkg_v2(par, images, cams, labels, 0.55, 0.35, box)
+    assert torch.equal(ours, ref)
+    scores_only = refine_pseudo_label(
+        par, small, cams, labels, band=(0.35, 0.55), crop_box=box, out_size=(h, w)
+    )
+    assert not torch.equal(scores_only, ref)  # 0.1's path (no softmax) differs

@@ -19,6 +19,7 @@ from ecaseg.data import (
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
 from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.config import Config
+from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.errors import ConfigError
 from ecaseg.models import ECANet
 from ecaseg.models.timm_backbone import TIMM_PREFIX, is_timm_backbone
@@ -30,6 +31,7 @@ __all__ = [
     "build_dino",
     "build_model",
     "build_par",
+    "build_pseudo_labeler",
     "needs_dino",
     "resolve_weights",
     "synthetic_config",
@@ -170,3 +172,28 @@ def build_par(cfg: Config) -> PAR:
     """Pixel-adaptive refinement with the configured dilations, iterations and kernel weights."""
     m = cfg.method
     return PAR(dilations=m.par_dilations, num_iter=m.par_iters, w1=m.par_w1, w2=m.par_w2, validate=False)
+
+
+def build_pseudo_labeler(
+    cfg: Config,
+    net: ECANet,
+    par: PAR | None,
+    dino: DINOAffinity | None = None,
+    carm_generator: CARMGenerator | None = None,
+) -> PseudoLabelPipeline:
+    """The online pseudo-label path of the config's ``method`` section (training, validation, export)."""
+    m = cfg.method
+    return PseudoLabelPipeline(
+        net,
+        par,
+        dino,
+        carm_generator,
+        cam_scales=m.cam_scales,
+        cam_flip=m.cam_flip,
+        alpha=m.alpha,
+        band=m.band,
+        par_downsample=m.par_downsample,
+        carm_background=m.carm_background,
+        cam_rule=m.cam_rule,
+        par_input=m.par_input,
+    )

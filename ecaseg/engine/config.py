@@ -96,6 +96,11 @@ class MethodConfig:
     band: tuple[float, float] = (0.35, 0.55)
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
     cam_flip: bool = True
+    #: multi-scale CAM rule: ``"afa"`` (AFA's multi_scale_cam: resize, flip maximum, ReLU, sum, min-max, at
+    #: the image size) or ``"sum"`` (ecaseg 0.1: ReLU at the CAM grid, flips and scales summed)
+    cam_rule: Literal["afa", "sum"] = "afa"
+    #: what PAR refines: ``"softmax"`` of [background threshold, labelled CAMs] (AFA) or ``"scores"`` (0.1)
+    par_input: Literal["softmax", "scores"] = "softmax"
     lambda_seg: float = 0.1
     lambda_cce: float = 0.1
     lambda_aff: float = 0.1

@@ -7,12 +7,13 @@ command, so the three always produce the same labels from the same network state
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.cam import cam_to_label, multiscale_cam
+from ecaseg.cam import CAMRule, cam_to_label, multiscale_cam
 from ecaseg.carm import CARMGenerator
 from ecaseg.data import denormalize
 from ecaseg.dino_affinity import DINOAffinity
@@ -63,6 +64,11 @@ class PseudoLabelPipeline:
         carm_background: background score of the CARM pseudo-label: ``"alpha"`` (the constant threshold,
             the same path as the CAM, the default) or ``"map"`` (the calibrated background CARM,
             Eq. (7) with c = 0; the band is not used then).
+        cam_rule: multi-scale CAM rule, ``"sum"`` (ecaseg 0.1) or ``"afa"`` (AFA's ``multi_scale_cam``, CAM
+            at the image size; see :func:`ecaseg.cam.multiscale_cam`).
+        par_input: what PAR refines: ``"scores"`` (the thresholds and scores themselves, one shared
+            refinement, ecaseg 0.1) or ``"softmax"`` (a softmax over the background threshold and the
+            labelled classes first, one refinement per threshold, as AFA's ``refine_cams_with_bkg_v2``).
     """
 
     def __init__(
@@ -77,7 +83,13 @@ class PseudoLabelPipeline:
         band: tuple[float, float] = (0.35, 0.55),
         par_downsample: int = 2,
         carm_background: str = "alpha",
+        cam_rule: CAMRule = "sum",
+        par_input: Literal["scores", "softmax"] = "scores",
     ) -> None:
+        if par_input not in ("scores", "softmax"):
+            raise ValueError(f"par_input must be 'scores' or 'softmax', got {par_input!r}")
+        self.cam_rule: CAMRule = cam_rule
+        self.par_input = par_input
         if carm_background not in ("alpha", "map"):
             raise ValueError(f"carm_background must be 'alpha' or 'map', got {carm_background!r}")
         self.carm_background = carm_background
@@ -144,6 +156,29 @@ class PseudoLabelPipeline:
         )
         return self._resize_label(label, out_hw)
 
+    def _softmax_labels(
+        self,
+        rgb: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        crop_box: Tensor | None,
+        out_hw: tuple[int, int],
+        with_band: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """AFA's path (``refine_cams_with_bkg_v2``): softmax over ``[threshold, labelled scores]`` at the PAR
+        size, PAR, refined maps brought bilinearly to the image size, argmax; once per threshold."""
+        common: dict[str, Any] = {
+            "crop_box": crop_box,
+            "validate": False,
+            "softmax": True,
+            "out_size": out_hw,
+        }
+        hard = refine_pseudo_label(self.par, rgb, scores, labels, alpha=self.alpha, **common)
+        band = None
+        if with_band:
+            band = refine_pseudo_label(self.par, rgb, scores, labels, band=self.band, **common)
+        return hard, band
+
     @staticmethod
     def _resize_label(label: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if label.shape[-2:] != out_hw:
@@ -177,18 +212,23 @@ class PseudoLabelPipeline:
                 ``None`` refines all C channels (no host sync either way).
         """
         height, width = images.shape[-2:]
-        cams = multiscale_cam(self.net, images, labels, scales=self.cam_scales, flip=self.cam_flip)
+        cams = multiscale_cam(
+            self.net, images, labels, scales=self.cam_scales, flip=self.cam_flip, rule=self.cam_rule
+        )
+        cams_par = cams  # what PAR refines: AFA's rule keeps the image-size CAM for it
         if features is None and with_carm and self.carm_generator is not None:
             features = self.net(images, with_seg=False, with_aff=False).features
         if cams.shape[-2:] != (features.shape[-2:] if features is not None else cams.shape[-2:]):
             assert features is not None
             cams = F.interpolate(cams, size=features.shape[-2:], mode="bilinear", align_corners=False)
+            if self.cam_rule != "afa":
+                cams_par = cams
         rgb = denormalize(images)
         if self.par_downsample > 1:
             size = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
         out_hw = (height, width)
-        sources = [cams]
+        sources = [cams_par]
         carm: Tensor | None = None
         carm_raw: Tensor | None = None
         carm_label: Tensor | None = None
@@ -214,11 +254,26 @@ class PseudoLabelPipeline:
                     crop_box=box,
                     bg_scores=result.carm[:, :1],
                     validate=False,
+                    softmax=self.par_input == "softmax",
                 )
                 carm_label = self._resize_label(label, out_hw)
                 carm_label_band = carm_label if with_band else None
             else:
                 sources.append(result.carm[:, 1:])
+        if self.par_input == "softmax":
+            labelled = [self._softmax_labels(rgb, s, labels, crop_box, out_hw, with_band) for s in sources]
+            cam_label, cam_label_band = labelled[0]
+            if len(labelled) > 1:
+                carm_label, carm_label_band = labelled[1]
+            return PseudoLabels(
+                cams=cams,
+                cam_label=cam_label,
+                cam_label_band=cam_label_band,
+                carm=carm,
+                carm_raw=carm_raw,
+                carm_label=carm_label,
+                carm_label_band=carm_label_band,
+            )
         refined = self._refine_scores(rgb, sources, labels, max_labels)
         if len(refined) > 1:
             carm_label = self._label(refined[1], labels, crop_box, out_hw, False)

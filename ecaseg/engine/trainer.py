@@ -49,12 +49,13 @@ from ecaseg.engine.builders import (
     build_dino,
     build_model,
     build_par,
+    build_pseudo_labeler,
     needs_dino,
 )
 from ecaseg.engine.config import Config, config_from_dict, config_to_dict
 from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
-from ecaseg.engine.pseudo import PseudoLabelPipeline, PseudoLabels
+from ecaseg.engine.pseudo import PseudoLabels
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.errors import CheckpointError, ConfigError
 from ecaseg.models import ECANet
@@ -204,18 +205,7 @@ class ECATrainer:
                 self.device
             )
         self.par = build_par(config).to(self.device)
-        self.labeler = PseudoLabelPipeline(
-            self.net,
-            self.par,
-            self.dino,
-            self.carm_generator,
-            cam_scales=m.cam_scales,
-            cam_flip=m.cam_flip,
-            alpha=m.alpha,
-            band=m.band,
-            par_downsample=m.par_downsample,
-            carm_background=m.carm_background,
-        )
+        self.labeler = build_pseudo_labeler(config, self.net, self.par, self.dino, self.carm_generator)
         self.view_sampler = LocalViewSampler(num_views=m.local_views, size=m.local_size)
 
         self.forward_module: nn.Module = _TrainForward(self.net)

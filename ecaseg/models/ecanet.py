@@ -238,9 +238,16 @@ class ECANet(nn.Module):
             else None,
         )
 
-    def forward_cam(self, x: Tensor) -> Tensor:
-        """Raw CAM ``[B, C, h, w]`` only (SDPA attention, no decoder); used for multi-scale CAM."""
-        return raw_cam(self.backbone(x)[-1], self.classifier.weight)
+    def forward_cam(self, x: Tensor, relu: bool = True) -> Tensor:
+        """Raw CAM ``[B, C, h, w]`` only (SDPA attention, no decoder); used for multi-scale CAM.
+
+        ``relu=False`` returns the classifier's response before the ReLU of Eq. (1) (what AFA's
+        ``cam_only`` forward returns; its multi-scale CAM applies the ReLU after resizing).
+        """
+        features = self.backbone(x)[-1]
+        if relu:
+            return raw_cam(features, self.classifier.weight)
+        return F.conv2d(features, self.classifier.weight.to(features.dtype))
 
     def forward_seg(self, x: Tensor) -> Tensor:
         """Segmentation logits ``[B, K, H/4, W/4]`` (inference; not upsampled)."""
