@@ -120,6 +120,12 @@ def _protocol_settings(ev: EvalConfig) -> dict[str, Any]:
     }
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ecaseg.engine.doctor import run_doctor
+
+    return run_doctor(args.config, args.overrides, time_steps=args.time_steps)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, net, ckpt = _load_network(args)
     device = _device(args.device)
@@ -370,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--checkpoint", required=True, type=Path)
         q.add_argument("--config", default=None, help="check the checkpoint against this config")
         q.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "doctor", help="pre-flight check of a training run (data, weights, device, batch, speed)"
+    )
+    p.add_argument("--config", required=True, help="config name or YAML file, as for train")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    p.add_argument(
+        "--time-steps",
+        type=int,
+        default=None,
+        help="timed training steps (default: 3 on a GPU, none on the CPU)",
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("evaluate", help="mIoU of a checkpoint on a split with masks")
     add_ckpt(p)
