@@ -20,6 +20,7 @@ import yaml
 from ecaseg.errors import ConfigError
 
 __all__ = [
+    "LEGACY_KEYS",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -132,9 +133,9 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
-    #: learning-rate factor of the classifier, affinity projection and decoder (AFA: 10)
+    #: learning-rate factor of the classifier, affinity projection and decoder (10 in AFA)
     head_lr_mult: float = 10.0
-    #: learning-rate factor of the backbone's norm layers (AFA: 0.0, frozen)
+    #: learning-rate factor of the backbone norm layers (0.0 in AFA, frozen)
     backbone_norm_lr_mult: float = 0.0
     #: ``"afa"``: backbone norms (``"norm"`` in the name) without weight decay, everything else of the
     #: backbone (biases included) with it (AFA's ``get_param_groups``); ``"no_bias_decay"``: ecaseg 0.1's
@@ -448,7 +449,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return result
 
 
-#: Keys of older configs that a checkpoint may still hold: ``section -> {key: reason}``; they are dropped.
+#: Keys of older configs that a checkpoint may still hold (``section -> {key -> reason}``), dropped on load.
 LEGACY_KEYS: dict[str, dict[str, str]] = {
     "eval": {"msc_scales": "0.1: multi-scale scales; 0.2 runs eval.scales with eval.merge"},
 }
