@@ -32,6 +32,7 @@ __all__ = [
     "affinity_labels",
     "affinity_loss",
     "downsample_label",
+    "propagate_with_background",
     "radius_mask",
 ]
 
@@ -138,6 +139,60 @@ def affinity_loss(
     pos = (labels.bg_pos | labels.fg_pos).float()
     pos_term = (pos * (1.0 - a)).sum() / pos.sum().clamp_min(1.0)
     return 0.5 * pos_term + 0.5 * neg_term
+
+
+def propagate_with_background(
+    cams: torch.Tensor,
+    aff: torch.Tensor,
+    labels: torch.Tensor,
+    bg_score: float,
+    radius: int = 8,
+    power: float = 2.0,
+    eps: float = 0.1,
+) -> torch.Tensor:
+    """Random-walk propagation of CAMs with a constant background on the predicted affinity (AFA's baseline).
+
+    What AFA's released ``propagte_aff_cam_with_bkg`` computes, batched: the affinity ``A [B, N, N]`` is
+    cut to the square window of ``radius``, raised to ``power`` and normalised per column,
+    ``T = A^p / (sum_i A^p_ij + eps)``; the scores ``[bg_score, CAM_1..C]`` of the background and the
+    labelled classes go through a softmax over classes (unlabelled classes get 0); the result is ``P T``
+    (each patch takes the affinity-weighted scores of its neighbours).
+
+    Args:
+        cams: ``[B, C, h, w]`` normalised foreground CAMs on the affinity grid (``N = h * w``).
+        aff: ``[B, N, N]`` predicted affinities (e.g. ``ECANet``'s ``aff_pred``).
+        labels: ``[B, C]`` multi-hot foreground labels.
+        bg_score: The constant background score (AFA: the band's low and high thresholds).
+        radius: Window radius of the affinity (AFA: 8).
+        power: Exponent of the affinity (AFA: 2).
+        eps: Added to the column sums (AFA: 0.1).
+
+    Returns:
+        ``[B, C + 1, h, w]`` propagated scores, background at index 0, unlabelled classes zero.
+
+    Example:
+        >>> cams = torch.tensor([[[[1.0, 0.0]]]])  # one class, two patches
+        >>> out = propagate_with_background(cams, torch.ones(1, 2, 2), torch.ones(1, 1), bg_score=0.5)
+        >>> out.shape
+        torch.Size([1, 2, 1, 2])
+    """
+    if cams.dim() != 4 or labels.shape != cams.shape[:2]:
+        raise ValueError(
+            f"cams must be [B, C, h, w] and labels [B, C], got {tuple(cams.shape)}, {tuple(labels.shape)}"
+        )
+    batch, num_fg, h, w = cams.shape
+    n = h * w
+    if aff.shape != (batch, n, n):
+        raise ValueError(
+            f"aff must be [B, N, N] = [{batch}, {n}, {n}] for the {h}x{w} grid, got {tuple(aff.shape)}"
+        )
+    window = radius_mask(h, w, radius, device=aff.device)
+    a = torch.where(window, aff.float(), torch.zeros((), device=aff.device)) ** power
+    a = a / (a.sum(dim=1, keepdim=True) + eps)
+    scores = torch.cat([torch.full_like(cams[:, :1], bg_score), cams.float()], dim=1).flatten(2)  # [B, K, N]
+    present = torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), labels > 0], dim=1)
+    probs = scores.masked_fill(~present[:, :, None], float("-inf")).softmax(dim=1)
+    return torch.bmm(probs, a).view(batch, num_fg + 1, h, w)
 
 
 class AffinityLoss(nn.Module):

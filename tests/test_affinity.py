@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ecaseg.affinity import AffinityLabels, AffinityLoss, affinity_labels, affinity_loss, downsample_label
 
@@ -107,3 +108,54 @@ def test_module_downsamples_and_checks_shapes() -> None:
     with pytest.raises(ValueError):
         crit(torch.rand(2, 7, 7), label)
     assert isinstance(affinity_labels(small), AffinityLabels)
+
+
+# --- AFA's propagte_aff_cam_with_bkg (utils/camutils.py), re-derived per image on identical inputs --------
+
+
+def _afa_mask_by_radius(h: int, w: int, radius: int) -> torch.Tensor:
+    mask = torch.zeros(h * w, h * w)
+    for i in range(h * w):
+        y, x = divmod(i, w)
+        for y2 in range(max(0, y - radius), min(h, y + radius + 1)):
+            for x2 in range(max(0, x - radius), min(w, x + radius + 1)):
+                mask[i, y2 * w + x2] = 1
+                mask[y2 * w + x2, i] = 1
+    return mask
+
+
+def _afa_propagate(cams, aff, mask, cls_labels, bkg_score):  # type: ignore[no-untyped-def]
+    b, _, h, w = cams.shape
+    cams_with_bkg = torch.cat((torch.ones(b, 1, h, w) * bkg_score, cams), dim=1)
+    cls_labels = torch.cat((torch.ones(b, 1), cls_labels), dim=1)
+    cams_rw = torch.zeros_like(cams_with_bkg)
+    c = cams_with_bkg.shape[1]
+    aff = aff.clone()
+    for i in range(b):
+        aff[i, mask == 0] = 0
+    aff = aff**2
+    aff = aff / (torch.sum(aff, dim=1, keepdim=True) + 1e-1)
+    for i in range(b):
+        _cams = cams_with_bkg[i].reshape(c, -1)
+        valid_key = torch.nonzero(cls_labels[i, ...])[:, 0]
+        _cams = F.softmax(_cams[valid_key, ...], dim=0)
+        cams_rw[i, valid_key, :] = torch.matmul(_cams, aff[i]).reshape(-1, h, w)
+    return cams_rw
+
+
+@pytest.mark.parametrize(("h", "w", "radius"), [(6, 6, 2), (5, 7, 8), (4, 4, 1)])
+def test_propagation_equals_afa_propagte_aff_cam_with_bkg(h: int, w: int, radius: int) -> None:
+    from ecaseg.affinity import propagate_with_background
+
+    gen = torch.Generator().manual_seed(h * w + radius)
+    b, c = 3, 4
+    cams = torch.rand(b, c, h, w, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    cams = cams * labels[:, :, None, None]
+    raw = torch.rand(b, h * w, h * w, generator=gen)
+    aff = torch.sigmoid(raw + raw.transpose(1, 2))  # AFA's prediction is symmetric
+    mask = _afa_mask_by_radius(h, w, radius)
+    for bkg in (0.35, 0.55):
+        ours = propagate_with_background(cams, aff, labels, bg_score=bkg, radius=radius)
+        ref = _afa_propagate(cams, aff, mask, labels, bkg)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

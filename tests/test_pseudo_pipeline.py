@@ -60,3 +60,24 @@ def test_compact_refinement_of_labelled_channels_is_exact() -> None:
     for a, b in zip(full, compact):
         assert torch.allclose(a, b, atol=1e-6)
         assert b[1, [0, 1, 3, 4]].abs().max() == 0  # absent classes stay empty after the scatter
+
+
+def test_afa_rules_and_random_walk_label() -> None:
+    """AFA's CAM rule and softmax PAR path in the pipeline, and the propagated label of AFA's baseline."""
+    torch.manual_seed(0)
+    net = ECANet("mit_nano", num_classes=4).eval()
+    pipeline = PseudoLabelPipeline(
+        net, PAR(dilations=(1, 2), num_iter=2), cam_scales=(1.0, 1.5), par_downsample=2, cam_rule="afa",
+        par_input="softmax",
+    )  # fmt: skip
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    crop_box = torch.tensor([[0, 64, 0, 48], [0, 32, 0, 64]])
+    out = pipeline(images, labels, crop_box=crop_box, with_carm=False)
+    assert out.cams.shape == (2, 3, 64, 64) and out.cams_refined is not None  # AFA's CAM: image size
+    assert out.cam_label_band is not None and (out.cam_label_band[0, :, 48:] == 255).all()
+    label = pipeline.random_walk_label(images, labels, out.cams_refined, crop_box)
+    assert label.shape == (2, 64, 64)
+    assert (label[0, :, 48:] == 255).all() and (label[1, 32:] == 255).all()
+    assert {int(v) for v in label[1].unique()} <= {0, 2, 255}
+    assert {int(v) for v in label[0].unique()} <= {0, 1, 3, 255}

@@ -115,3 +115,36 @@ def test_optimised_step_equals_plain_step_in_fp32(tmp_path: Path) -> None:
     assert losses[0].keys() == losses[1].keys()
     for key in losses[0]:
         assert torch.allclose(losses[0][key], losses[1][key], rtol=1e-5, atol=1e-6), key
+
+
+def test_afa_baseline_switches_to_random_walk_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """voc_afa's decoder label: the CAM band label up to the switch, then AFA's propagated label."""
+    afa = load_config("voc_afa")
+    assert (afa.method.cam_seg_label, afa.method.rw_switch_iter, afa.method.use_cce) == (
+        "afa_rw",
+        6000,
+        False,
+    )
+    cfg = load_config(
+        "synthetic_tiny",
+        [*TINY, "train.cls_warmup_iters=0", "method.aff_source=cam", "method.use_carm_seg=false",
+         "method.use_cce=false", "method.cam_seg_label=afa_rw", "method.rw_switch_iter=1"],
+    )  # fmt: skip
+    trainer = ECATrainer(cfg, tmp_path, progress=False)
+    calls: list[torch.Tensor] = []
+    original = trainer.labeler.random_walk_label
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        label = original(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(label)
+        return label
+
+    monkeypatch.setattr(trainer.labeler, "random_walk_label", spy)
+    batches = iter(trainer._make_loader())
+    for _ in range(3):  # iterations 0 and 1 use the band label, iteration 2 the propagated one
+        step = trainer.train_step(next(batches))
+        assert torch.isfinite(step.losses["seg_cam"])
+    assert len(calls) == 1
+    label = calls[0]
+    num_fg = trainer.net.num_classes - 1
+    assert label.dtype == torch.long and set(label.unique().tolist()) <= set(range(num_fg + 1)) | {255}

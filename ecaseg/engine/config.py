@@ -102,6 +102,12 @@ class MethodConfig:
     cam_rule: Literal["afa", "sum"] = "afa"
     #: what PAR refines: ``"softmax"`` of [background threshold, labelled CAMs] (AFA) or ``"scores"`` (0.1)
     par_input: Literal["softmax", "scores"] = "softmax"
+    #: the CAM segmentation label: ``"alpha"`` (ECA's hard threshold), ``"band"`` (AFA's uncertain band) or
+    #: ``"afa_rw"`` (AFA's baseline: the band label until ``rw_switch_iter``, then the CAM propagated on the
+    #: predicted affinity and refined by PAR, as AFA's released training script)
+    cam_seg_label: Literal["alpha", "band", "afa_rw"] = "alpha"
+    #: AFA's switch iteration to the propagated labels (6000 of 20k on VOC, 15000 of 80k on COCO)
+    rw_switch_iter: int = 6000
     lambda_seg: float = 0.1
     lambda_cce: float = 0.1
     lambda_aff: float = 0.1

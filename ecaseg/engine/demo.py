@@ -83,6 +83,10 @@ def demo_configs(seed: int, quick: bool, overrides: Sequence[str] = ()) -> dict[
                 "method.use_carm_seg=false",
                 "method.use_cce=false",
                 "method.aff_source=cam",
+                # and, as AFA's released script, from the CAM propagated on the predicted affinity after
+                # 30 % of the iterations (AFA: 6000 of 20000)
+                "method.cam_seg_label=afa_rw",
+                f"method.rw_switch_iter={round(0.3 * load_config('synthetic', common).train.max_iters)}",
             ],
         ),
         "supervised": load_config(

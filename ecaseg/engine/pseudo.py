@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.cam import CAMRule, cam_to_label, multiscale_cam
+from ecaseg.affinity import propagate_with_background
+from ecaseg.cam import CAMRule, cam_to_label, crop_box_mask, multiscale_cam
 from ecaseg.carm import CARMGenerator
 from ecaseg.data import denormalize
 from ecaseg.dino_affinity import DINOAffinity
@@ -36,6 +37,7 @@ class PseudoLabels:
         carm_raw: ``[B, K, h, w]`` CARM before calibration.
         carm_label: ``[B, H, W]`` PAR-refined CARM pseudo-label (alpha).
         carm_label_band: ``[B, H, W]`` CARM pseudo-label with the uncertain band ignored.
+        cams_refined: the CAM that PAR refined: at the image size under ``cam_rule="afa"``, else ``cams``.
     """
 
     cams: Tensor
@@ -45,6 +47,7 @@ class PseudoLabels:
     carm_raw: Tensor | None = None
     carm_label: Tensor | None = None
     carm_label_band: Tensor | None = None
+    cams_refined: Tensor | None = None
 
 
 class PseudoLabelPipeline:
@@ -179,6 +182,66 @@ class PseudoLabelPipeline:
             band = refine_pseudo_label(self.par, rgb, scores, labels, band=self.band, **common)
         return hard, band
 
+    @torch.no_grad()
+    def random_walk_label(
+        self, images: Tensor, labels: Tensor, cams: Tensor, crop_box: Tensor | None = None, radius: int = 8
+    ) -> Tensor:
+        """AFA's segmentation label after its switch iteration: CAM propagated on the predicted affinity.
+
+        As AFA's ``dist_train_voc.py`` computes it: the affinity is predicted at the largest CAM scale
+        (``int(s * H) x int(s * W)``); the labelled CAMs are resized to its stride-16 grid and propagated
+        with a constant background at each band threshold (:func:`ecaseg.affinity.propagate_with_background`);
+        each result is brought to the image size, refined by PAR at ``1 / par_downsample`` of it (the maps
+        resized with ``align_corners=True``, as AFA's PAR does), brought back and arg-maxed over the
+        background and the labelled classes; the two labels are combined as the uncertain band (high
+        threshold's foreground, background where both say so, ``ignore_index`` elsewhere) and pixels outside
+        ``crop_box`` are ignored. AFA refines each image inside its crop box; this runs on the whole crop.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised images.
+            labels: ``[B, C]`` multi-hot labels.
+            cams: ``[B, C, h, w]`` normalised CAMs (any grid; AFA's are at the image size).
+            crop_box: ``[B, 4]`` ``(y0, y1, x0, x1)`` image content inside padded crops, or ``None``.
+            radius: affinity window radius (AFA: 8).
+
+        Returns:
+            ``[B, H, W]`` long labels in ``{0..C, 255}``.
+        """
+        height, width = images.shape[-2:]
+        scale = max(self.cam_scales)
+        x = images
+        if scale != 1.0:
+            size = (max(1, int(scale * height)), max(1, int(scale * width)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        out = self.net(x, with_seg=False, with_aff=True)
+        assert out.aff_pred is not None
+        grid = (out.features.shape[-2], out.features.shape[-1])
+        valid = F.interpolate(
+            cams.float() * labels[:, :, None, None].float(), size=grid, mode="bilinear", align_corners=False
+        )
+        rgb = denormalize(images)
+        if self.par_downsample > 1:
+            small_hw = (height // self.par_downsample, width // self.par_downsample)
+            rgb = F.interpolate(rgb, size=small_hw, mode="bilinear", align_corners=False)
+        present = torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), labels > 0], dim=1)
+        per_threshold = []
+        for threshold in (self.band[1], self.band[0]):
+            rw = propagate_with_background(valid, out.aff_pred.float(), labels, threshold, radius=radius)
+            rw = F.interpolate(rw, size=(height, width), mode="bilinear", align_corners=False)
+            if self.par is not None:
+                rw = F.interpolate(rw, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
+                rw = F.interpolate(
+                    self.par(rgb, rw), size=(height, width), mode="bilinear", align_corners=False
+                )
+            per_threshold.append(rw.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1))
+        high, low = per_threshold
+        label = torch.where(low == 0, torch.zeros_like(high), torch.full_like(high, 255))
+        label = torch.where(high > 0, high, label)
+        if crop_box is not None:
+            inside = crop_box_mask(crop_box.to(label.device), (height, width))
+            label = torch.where(inside, label, torch.full_like(label, 255))
+        return label
+
     @staticmethod
     def _resize_label(label: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if label.shape[-2:] != out_hw:
@@ -273,6 +336,7 @@ class PseudoLabelPipeline:
                 carm_raw=carm_raw,
                 carm_label=carm_label,
                 carm_label_band=carm_label_band,
+                cams_refined=cams_par,
             )
         refined = self._refine_scores(rgb, sources, labels, max_labels)
         if len(refined) > 1:
@@ -287,4 +351,5 @@ class PseudoLabelPipeline:
             carm_raw=carm_raw,
             carm_label=carm_label,
             carm_label_band=carm_label_band,
+            cams_refined=cams_par,
         )

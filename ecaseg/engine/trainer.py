@@ -383,7 +383,7 @@ class ECATrainer:
                         labels,
                         crop_box=crop_box,
                         features=out.features.detach(),
-                        with_band=need_cce or m.aff_source != "none",
+                        with_band=need_cce or m.aff_source != "none" or m.cam_seg_label != "alpha",
                         with_carm=self.use_dino,
                         update_prototypes=True,
                         max_labels=max_labels,
@@ -391,7 +391,9 @@ class ECATrainer:
                 if need_seg:
                     seg = torch.zeros((), device=device)
                     if m.use_cam_seg:
-                        losses["seg_cam"] = segmentation_loss(out.seg_logits, pseudo.cam_label)
+                        losses["seg_cam"] = segmentation_loss(
+                            out.seg_logits, self._cam_seg_target(pseudo, images, labels, crop_box)
+                        )
                         seg = seg + losses["seg_cam"]
                     if m.use_carm_seg and pseudo.carm_label is not None:
                         losses["seg_carm"] = segmentation_loss(out.seg_logits, pseudo.carm_label)
@@ -425,6 +427,20 @@ class ECATrainer:
         self.scheduler.step()
         self.iteration += 1
         return StepOutput({k: v.detach() for k, v in losses.items()}, pseudo)
+
+    def _cam_seg_target(
+        self, pseudo: PseudoLabels, images: Tensor, labels: Tensor, crop_box: Tensor | None
+    ) -> Tensor:
+        """The CAM segmentation label of ``method.cam_seg_label`` (AFA's switch for ``afa_rw``)."""
+        m = self.cfg.method
+        if m.cam_seg_label == "alpha":
+            return pseudo.cam_label
+        assert pseudo.cam_label_band is not None
+        if m.cam_seg_label == "band" or self.iteration <= m.rw_switch_iter:
+            return pseudo.cam_label_band
+        cams = pseudo.cams_refined if pseudo.cams_refined is not None else pseudo.cams
+        with autocast_context(self.device, self.cfg.train.amp):
+            return self.labeler.random_walk_label(images, labels, cams, crop_box, radius=m.aff_radius)
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict[int, Any]:
