@@ -95,3 +95,20 @@ def test_synthetic_fields_reach_the_generator() -> None:
     overrides = ["data.synthetic_context_prob=0", "data.synthetic_spurious_context_prob=0.5"]
     changed = synthetic_config(load_config("synthetic", overrides))
     assert (changed.context_prob, changed.spurious_context_prob) == (0.0, 0.5)
+
+
+def test_a_0_1_checkpoint_config_keeps_0_1_behaviour() -> None:
+    """0.1 saved every key of its version: missing 0.2 keys mean 0.1's rules, not the new AFA defaults."""
+    data = config_to_dict(load_config("voc"))
+    added = {"method": ("cam_rule", "par_input"), "eval": ("merge", "resize_long")}
+    added["optim"] = ("decay_groups", "backbone_norm_lr_mult")
+    for section, keys in added.items():
+        for key in keys:
+            del data[section][key]
+    data["eval"]["msc_scales"] = [0.5, 1.0]  # a 0.1 key
+    old = config_from_dict(data)
+    assert (old.method.cam_rule, old.method.par_input) == ("sum", "scores")
+    assert (old.eval.merge, old.eval.resize_long) == ("mean", 0)
+    assert (old.optim.decay_groups, old.optim.backbone_norm_lr_mult) == ("no_bias_decay", 1.0)
+    new = config_from_dict(config_to_dict(load_config("voc")))  # a 0.2 checkpoint keeps its values
+    assert (new.method.cam_rule, new.eval.merge, new.optim.decay_groups) == ("afa", "max", "afa")

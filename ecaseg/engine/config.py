@@ -20,6 +20,7 @@ import yaml
 from ecaseg.errors import ConfigError
 
 __all__ = [
+    "ADDED_IN_0_2",
     "LEGACY_KEYS",
     "Config",
     "DataConfig",
@@ -461,16 +462,31 @@ LEGACY_KEYS: dict[str, dict[str, str]] = {
 }
 
 
+#: Keys added in 0.2 whose defaults changed behaviour (AFA's rules), with the value that reproduces 0.1. A
+#: checkpoint's config holds every key of its version, so a missing key means the run used 0.1's behaviour.
+ADDED_IN_0_2: dict[str, dict[str, Any]] = {
+    "method": {"cam_rule": "sum", "par_input": "scores"},
+    "eval": {"merge": "mean", "resize_long": 0},
+    "optim": {"decay_groups": "no_bias_decay", "backbone_norm_lr_mult": 1.0},
+}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Inverse of :func:`config_to_dict` (used to restore a checkpoint's config).
 
-    Keys of :data:`LEGACY_KEYS` (written by older ecaseg versions) are dropped, so old checkpoints load.
+    Keys of :data:`LEGACY_KEYS` (written by older ecaseg versions) are dropped, and a 0.1 config (one
+    without the keys of :data:`ADDED_IN_0_2`) gets 0.1's values for them, so an old checkpoint is
+    evaluated and resumed with the rules it was trained with.
     """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for section, keys in LEGACY_KEYS.items():
         if isinstance(data.get(section), dict):
             for key in keys:
                 data[section].pop(key, None)
+    for section, values in ADDED_IN_0_2.items():
+        if isinstance(data.get(section), dict):
+            for key, value in values.items():
+                data[section].setdefault(key, value)
     cfg = Config()
     _apply(cfg, data, "")
     return cfg.validate()
