@@ -81,6 +81,12 @@ def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, A
 def cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
     cfg = load_config(args.config, args.overrides)
+    existing = Path(args.work_dir) / "last.pth"
+    if existing.is_file() and not (args.resume or args.overwrite):
+        raise ConfigError(
+            f"work dir {args.work_dir} already holds a checkpoint ({existing}); pass --resume to continue "
+            "it, --overwrite to train from scratch and replace it, or choose another --work-dir"
+        )
     trainer = ECATrainer(cfg, args.work_dir, resume=args.resume, progress=not args.no_progress)
     metrics = trainer.train()
     if is_main_process():
@@ -359,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--work-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pth")
+    p.add_argument(
+        "--overwrite", action="store_true", help="train from scratch into a work dir that holds a checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -57,6 +57,7 @@ from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabels
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
+from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
 from ecaseg.errors import CheckpointError, ConfigError
 from ecaseg.models import ECANet
 from ecaseg.seg_loss import classification_loss, segmentation_loss
@@ -472,9 +473,20 @@ class ECATrainer:
     def train(self, until: int | None = None) -> dict[str, float]:
         """Run (or continue) training to ``train.max_iters`` (or to iteration ``until``, then checkpoint).
 
+        Rank 0 holds the work dir's lock (:class:`~ecaseg.engine.workdir.WorkDirLock`) for the run: a second
+        run into the same work dir is refused; temporary checkpoint files of killed runs are removed.
+
         Returns:
             The last validation metrics (empty if no validation ran).
         """
+        if not is_main_process():
+            return self._train(until)
+        with WorkDirLock(self.work_dir):
+            for path in clean_stale_temp_files(self.work_dir):
+                logger.info("removed %s, left by an interrupted run", path.name)
+            return self._train(until)
+
+    def _train(self, until: int | None) -> dict[str, float]:
         cfg = self.cfg
         stop_at = cfg.train.max_iters if until is None else min(until, cfg.train.max_iters)
         main = is_main_process()

@@ -1,0 +1,75 @@
+"""Work dirs: one run at a time, existing checkpoints never replaced by accident, stale temp files cleaned."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecaseg.cli import main
+from ecaseg.engine.workdir import LOCK_NAME, WorkDirLock, WorkDirLockedError, clean_stale_temp_files
+
+TINY = ["train.max_iters=2", "train.val_interval=0", "train.ckpt_interval=0", "train.tensorboard=false"]
+
+
+def _train(work: Path, *extra: str) -> int:
+    return main(
+        ["train", "--config", "synthetic_tiny", *TINY, "--work-dir", str(work), "--no-progress", *extra]
+    )
+
+
+def test_train_refuses_to_replace_a_checkpoint_without_resume_or_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "run"
+    assert _train(work) == 0
+    before = (work / "last.pth").read_bytes()
+    capsys.readouterr()
+    assert _train(work) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a checkpoint" in err and "--resume" in err
+    assert (work / "last.pth").read_bytes() == before  # untouched
+    stale = work / ".last.pth.k3j9.tmp"  # what a run killed while saving leaves behind
+    stale.write_bytes(b"\0" * 64)
+    assert _train(work, "--overwrite") == 0
+    assert not stale.exists()
+    assert not (work / LOCK_NAME).exists()  # released after the run
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "run"
+    work.mkdir()
+    lock = work / LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": "earlier"}))
+    assert _train(work) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another run (pid {os.getppid()}" in err
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "earlier"}))
+    assert _train(work) == 0  # the process that left it is gone
+    assert not lock.exists()
+
+
+def test_lock_context_and_stale_temp_files(tmp_path: Path) -> None:
+    with WorkDirLock(tmp_path):
+        with pytest.raises(WorkDirLockedError, match="in use by another run"):
+            WorkDirLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+    stale = tmp_path / ".last.pth.x1y2.tmp"
+    stale.write_bytes(b"\0" * 16)
+    keep = tmp_path / "last.pth"
+    keep.write_bytes(b"ckpt")
+    assert clean_stale_temp_files(tmp_path) == [stale]
+    assert not stale.exists() and keep.exists()
