@@ -112,3 +112,23 @@ def test_a_0_1_checkpoint_config_keeps_0_1_behaviour() -> None:
     assert (old.optim.decay_groups, old.optim.backbone_norm_lr_mult) == ("no_bias_decay", 1.0)
     new = config_from_dict(config_to_dict(load_config("voc")))  # a 0.2 checkpoint keeps its values
     assert (new.method.cam_rule, new.eval.merge, new.optim.decay_groups) == ("afa", "max", "afa")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.log_interval=0", "train.log_interval must be >= 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("method.cam_scales=[0]", "method.cam_scales must be positive"),
+        ("data.synthetic_num_train=0", "data.synthetic_num_train must be >= 1, got 0"),
+        ("train.device=banana", "train.device 'banana' is not a torch device"),
+        ("method.lambda_seg=-0.1", "method.lambda_seg must be a finite number >= 0"),
+        ("optim.warmup_iters=-5", "optim.warmup_iters must be >= 0"),
+        ("train.ckpt_interval=-1", "train.ckpt_interval must be >= 0"),
+        ("optim.lr=inf", "optim.lr must be finite"),
+        ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0"),
+    ],
+)
+def test_out_of_range_values_are_refused_at_load(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("synthetic_tiny", [override])

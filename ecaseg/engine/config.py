@@ -8,6 +8,7 @@ raise :class:`~ecaseg.errors.ConfigError` listing the valid choices.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -15,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+import torch
 import yaml
 
 from ecaseg.errors import ConfigError
@@ -249,10 +251,72 @@ class Config:
             ),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
         ]
+        o, t, d = self.optim, self.train, self.data
+        at_least = {
+            "data.num_workers": (d.num_workers, 0),
+            "data.val_max_images": (d.val_max_images, 0),
+            "data.synthetic_image_size": (d.synthetic_image_size, 32),
+            "data.synthetic_num_classes": (d.synthetic_num_classes, 1),
+            "data.synthetic_num_train": (d.synthetic_num_train, 1),
+            "data.synthetic_num_val": (d.synthetic_num_val, 1),
+            "method.rw_switch_iter": (m.rw_switch_iter, 0),
+            "method.cce_max_patches": (m.cce_max_patches, 2),
+            "method.aff_radius": (m.aff_radius, 1),
+            "method.par_iters": (m.par_iters, 0),
+            "optim.warmup_iters": (o.warmup_iters, 0),
+            "train.cls_warmup_iters": (t.cls_warmup_iters, 0),
+            "train.log_interval": (t.log_interval, 1),
+            "train.val_interval": (t.val_interval, 0),
+            "train.ckpt_interval": (t.ckpt_interval, 0),
+            "train.num_vis_images": (t.num_vis_images, 0),
+        }
+        checks += [
+            (value >= low, f"{key} must be >= {low}, got {value}") for key, (value, low) in at_least.items()
+        ]
+        non_negative = {
+            "method.lambda_seg": m.lambda_seg,
+            "method.lambda_cce": m.lambda_cce,
+            "method.lambda_aff": m.lambda_aff,
+            "method.par_w1": m.par_w1,
+            "method.par_w2": m.par_w2,
+            "optim.weight_decay": o.weight_decay,
+            "optim.warmup_ratio": o.warmup_ratio,
+            "optim.power": o.power,
+            "optim.head_lr_mult": o.head_lr_mult,
+            "optim.backbone_norm_lr_mult": o.backbone_norm_lr_mult,
+        }
+        checks += [
+            (math.isfinite(value) and value >= 0, f"{key} must be a finite number >= 0, got {value}")
+            for key, value in non_negative.items()
+        ]
+        checks += [
+            (math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}"),
+            (
+                all(s > 0 for s in m.cam_scales),
+                f"method.cam_scales must be positive, got {list(m.cam_scales)}",
+            ),
+            (m.par_w1 > 0, f"method.par_w1 must be > 0, got {m.par_w1}"),
+            (
+                0.0 <= d.synthetic_context_prob <= 1.0 and 0.0 <= d.synthetic_spurious_context_prob <= 1.0,
+                "data.synthetic_*_prob must be probabilities in [0, 1]",
+            ),
+            (
+                t.device == "auto" or _valid_device(t.device),
+                f"train.device {t.device!r} is not a torch device",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _valid_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 _SECTIONS = ("data", "model", "method", "optim", "train", "eval")
