@@ -6,7 +6,7 @@ library users can catch the specific subclasses.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "EcasegError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "EcasegError", "TrainingDivergedError"]
 
 
 class EcasegError(Exception):
@@ -23,3 +23,7 @@ class CheckpointError(EcasegError, RuntimeError):
 
 class ConfigError(EcasegError, ValueError):
     """A configuration key or value is invalid (the message lists the valid choices)."""
+
+
+class TrainingDivergedError(EcasegError, RuntimeError):
+    """The loss or the weights became non-finite (the message names the iteration and the last checkpoint)."""

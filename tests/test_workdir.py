@@ -73,3 +73,35 @@ def test_lock_context_and_stale_temp_files(tmp_path: Path) -> None:
     keep.write_bytes(b"ckpt")
     assert clean_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and keep.exists()
+
+
+def test_divergence_stops_the_run_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    work = tmp_path / "run"
+    assert _train(work) == 0  # a good checkpoint at iteration 2
+    good = torch.load(work / "last.pth", map_location="cpu", weights_only=False)
+    capsys.readouterr()
+    args = ["train.max_iters=6", "train.val_interval=0", "train.ckpt_interval=2", "train.tensorboard=false"]
+    args += ["train.log_interval=1", "train.cls_warmup_iters=0", "optim.lr=1e30", "optim.warmup_iters=0"]
+    code = main(
+        [
+            "train",
+            "--config",
+            "synthetic_tiny",
+            *args,
+            "--work-dir",
+            str(work),
+            "--overwrite",
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training diverged: the loss became non-finite at iteration" in err, err
+    assert f"the last good checkpoint is {work / 'last.pth'}" in err
+    saved = torch.load(work / "last.pth", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert saved["iteration"] == good["iteration"]  # the first run's checkpoint, untouched

@@ -58,7 +58,7 @@ from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabels
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
-from ecaseg.errors import CheckpointError, ConfigError
+from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ecaseg.models import ECANet
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
@@ -241,6 +241,9 @@ class ECATrainer:
             ),
         )
         self.iteration = 0
+        # divergence watch, on the device (no host sync per step): steps taken, first non-finite loss
+        self._steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.history: list[dict[str, float]] = []
         self._stop_signal: int | None = None
         if resume:
@@ -328,8 +331,28 @@ class ECATrainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
+    def check_finite(self) -> None:
+        """Raise :class:`~ecaseg.errors.TrainingDivergedError` if a loss since the start was non-finite or
+        the weights are (one host synchronisation; called before every checkpoint and validation)."""
+        first_bad = int(self._first_bad_step)
+        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all())
+        if first_bad < 0 and weights_ok:
+            return
+        last = self.work_dir / "last.pth"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+        at = (
+            f"the loss became non-finite at iteration {self.iteration - int(self._steps) + first_bad + 1}"
+            if first_bad >= 0
+            else "the weights became non-finite"
+        )
+        raise TrainingDivergedError(
+            f"training diverged: {at} (lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept} (resume it "
+            "with --resume after lowering optim.lr or fixing the data); nothing non-finite was saved"
+        )
+
     def save_checkpoint(self, name: str = "last.pth") -> Path | None:
-        """Write ``work_dir/name`` atomically (rank 0 only); returns its path."""
+        """Write ``work_dir/name`` atomically (rank 0 only) after :meth:`check_finite`; returns its path."""
+        self.check_finite()
         if not is_main_process():
             return None
         path = self.work_dir / name
@@ -422,6 +445,11 @@ class ECATrainer:
                     losses["aff"] = affinity_loss(out.aff_pred.float(), aff_target)
                     total = total + m.lambda_aff * losses["aff"]
         losses["total"] = total
+        bad = ~torch.isfinite(total.detach())
+        self._first_bad_step = torch.where(
+            bad & (self._first_bad_step < 0), self._steps, self._first_bad_step
+        )
+        self._steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -516,6 +544,8 @@ class ECATrainer:
                 bar.update(1)
                 if it % cfg.train.log_interval == 0 or it == cfg.train.max_iters:
                     values = {k: float(v) for k, v in step.losses.items()}  # host sync only when logging
+                    if not all(math.isfinite(v) for v in values.values()):
+                        self.check_finite()
                     lr = self.optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{lr:.2e}")
                     if main:
@@ -533,6 +563,7 @@ class ECATrainer:
                 if cfg.train.val_interval > 0 and (
                     it % cfg.train.val_interval == 0 or it == cfg.train.max_iters
                 ):
+                    self.check_finite()
                     last_metrics = self.validate()
                     if main:
                         logger.info("val iter %d %s", it, json.dumps(last_metrics))
