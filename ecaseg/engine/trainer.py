@@ -339,15 +339,20 @@ class ECATrainer:
         if first_bad < 0 and weights_ok:
             return
         last = self.work_dir / "last.pth"
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+        kept = (
+            f"the last good checkpoint is {last} (resume it with --resume after lowering optim.lr or fixing the "
+            "data)"
+            if last.is_file()
+            else "no checkpoint was written (lower optim.lr or fix the data, and start again)"
+        )
         at = (
             f"the loss became non-finite at iteration {self.iteration - int(self._steps) + first_bad + 1}"
             if first_bad >= 0
             else "the weights became non-finite"
         )
         raise TrainingDivergedError(
-            f"training diverged: {at} (lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept} (resume it "
-            "with --resume after lowering optim.lr or fixing the data); nothing non-finite was saved"
+            f"training diverged: {at} (lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept}; nothing "
+            "non-finite was saved"
         )
 
     def save_checkpoint(self, name: str = "last.pth") -> Path | None:
