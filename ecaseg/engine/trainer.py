@@ -340,8 +340,8 @@ class ECATrainer:
             return
         last = self.work_dir / "last.pth"
         kept = (
-            f"the last good checkpoint is {last} (resume it with --resume after lowering optim.lr or fixing the "
-            "data)"
+            f"the last good checkpoint is {last} (resume it with --resume after lowering optim.lr or "
+            "fixing the data)"
             if last.is_file()
             else "no checkpoint was written (lower optim.lr or fix the data, and start again)"
         )
