@@ -189,15 +189,56 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _plan_outputs(inputs: Sequence[str], out_dir: Path) -> list[tuple[Path, Path, Path]]:
+    """``(image, mask file, overlay file)`` for every input image; refuses plans that could lose data.
+
+    Folder inputs are mirrored under ``out_dir`` (``photos/a/x.jpg`` -> ``OUT/a/x.jpg.png`` and
+    ``OUT/a/x.jpg.overlay.png``); file inputs go to ``OUT/<name>.png``. The extension stays in the name, so
+    ``x.png`` and ``x.jpg`` never share an output, and no output can be an input.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"--out {out_dir} is a file; give a folder for the predictions")
+    out_resolved = out_dir.resolve()
+    plan: list[tuple[Path, Path, Path]] = []
+    for item in inputs:
+        root = Path(item)
+        if root.is_dir():
+            r = root.resolve()
+            if out_resolved == r or r in out_resolved.parents:
+                raise DatasetError(
+                    f"--out {out_dir} is the input folder {root} or inside it: predictions would be mixed "
+                    "with your images (and read as inputs on the next run); choose a folder outside it"
+                )
+            rels = [(p, p.relative_to(root)) for p in _collect_images([item])]
+        else:
+            rels = [(p, Path(p.name)) for p in _collect_images([item])]
+        for path, rel in rels:
+            base = out_dir / rel.parent
+            plan.append((path, base / f"{rel.name}.png", base / f"{rel.name}.overlay.png"))
+    seen: dict[Path, Path] = {}
+    inputs_resolved = {p.resolve() for p, _, _ in plan}
+    for path, mask, over in plan:
+        for target in (mask, over):
+            if target.resolve() in inputs_resolved:
+                raise DatasetError(f"the output {target} would replace the input image {target}")
+            if target in seen:
+                raise DatasetError(
+                    f"{seen[target]} and {path} would both be written to {target}; predict them into "
+                    "separate --out folders"
+                )
+            seen[target] = path
+    return plan
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out)
+    plan = _plan_outputs(args.inputs, out_dir)  # refuse before loading anything
     cfg, net, _ = _load_network(args)
     device = _device(args.device)
     net.to(device).eval()
-    out_dir = Path(args.out)
     ev = _protocol(cfg, args)
     crf = CRFParams() if ev.crf else None
-    paths = _collect_images(args.inputs)
-    for path in tqdm(paths, desc="predict"):
+    for path, mask_file, overlay_file in tqdm(plan, desc="predict"):
         image = read_image(path)
         tensor = to_network_input(image, device)
         label = (
@@ -215,9 +256,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             .cpu()
             .numpy()
         )
-        write_png(out_dir / f"{path.stem}.png", label, palette=True)
-        write_png(out_dir / f"{path.stem}_overlay.png", overlay(image, label))
-    print(f"wrote {len(paths)} predictions to {out_dir}")
+        mask_file.parent.mkdir(parents=True, exist_ok=True)
+        write_png(mask_file, label, palette=True)
+        write_png(overlay_file, overlay(image, label))
+    print(f"wrote {len(plan)} predictions (label PNG + overlay each) to {out_dir}")
     return 0
 
 

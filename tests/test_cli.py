@@ -84,10 +84,54 @@ def test_predict_writes_palette_masks_and_overlays(trained: Path, tmp_path: Path
     cv2.imwrite(str(images / "b.jpg"), rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(trained / "last.pth"), str(images), "--out", str(out)]) == 0
-    mask = Image.open(out / "a.png")
+    mask = Image.open(out / "a.png.png")
     assert mask.mode == "P" and mask.size == (53, 37)
     assert np.asarray(mask).max() < 4
-    assert (out / "b_overlay.png").is_file()
+    assert (out / "b.jpg.overlay.png").is_file()
+
+
+def test_predict_never_loses_or_mixes_up_a_users_files(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    photos = tmp_path / "photos"
+    for rel in ("a/img.png", "b/img.png", "img.png", "img.jpg", "x_overlay.png", "tiny.png", "banner.png"):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        size = {"tiny.png": (16, 16), "banner.png": (12, 300)}.get(rel, (40, 48))
+        cv2.imwrite(str(photos / rel), rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+    ckpt = ["predict", "--checkpoint", str(trained / "last.pth")]
+    for out in (photos, photos / "pred"):  # the input folder itself, or a folder inside it
+        assert main([*ckpt, str(photos), "--out", str(out)]) == 2
+        assert "inside it" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main([*ckpt, str(photos), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *ckpt,
+                str(photos / "a" / "img.png"),
+                str(photos / "b" / "img.png"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "would both be written to" in capsys.readouterr().err
+    out = tmp_path / "pred"
+    assert main([*ckpt, str(photos), "--out", str(out), "--scales", "1.0", "--no-crf"]) == 0
+    assert "wrote 7 predictions" in capsys.readouterr().out
+    masks = sorted(str(p.relative_to(out)) for p in out.rglob("*.png") if not p.name.endswith(".overlay.png"))
+    assert masks == ["a/img.png.png", "b/img.png.png", "banner.png.png", "img.jpg.png", "img.png.png",
+                     "tiny.png.png", "x_overlay.png.png"]  # fmt: skip
+    assert Image.open(out / "banner.png.png").size == (
+        300,
+        12,
+    )  # thin and tiny images predicted at their size
+    assert Image.open(out / "tiny.png.png").size == (16, 16)
+    assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before  # inputs untouched
 
 
 def test_pseudo_labels_and_visualize(trained: Path, tmp_path: Path) -> None:
