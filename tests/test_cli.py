@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ecaseg.cli import main
@@ -270,3 +271,44 @@ def test_tensorboard_scalars_and_image_panels(tmp_path: Path) -> None:
     tags = events.Tags()
     assert {"loss/total", "val/seg_miou", "val/cam_miou", "lr"} <= set(tags["scalars"])
     assert "train/panels" in tags["images"]
+
+
+def test_folder_dataset_with_own_classes_and_no_masks_trains_and_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """classes.txt beside labels.csv names the classes; the val split is a held-out share; no masks."""
+    root = tmp_path / "shop"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    rows = ["id,labels"]
+    for i in range(10):
+        cv2.imwrite(str(root / "images" / f"item_{i}.jpg"), rng.integers(0, 255, (72, 80, 3), dtype=np.uint8))
+        rows.append(f"item_{i},{['widget', 'gadget', 'widget;gadget'][i % 3]}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("widget\ngadget\n")
+    data = [
+        "data.dataset=folder",
+        f"data.images_dir={root / 'images'}",
+        f"data.labels_file={root / 'labels.csv'}",
+        "data.val_fraction=0.2",
+        "data.train_split=train",
+        "data.val_split=val",
+    ]
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", *data, "train.max_iters=2", "train.val_interval=2"]
+    argv += ["train.ckpt_interval=2", "--work-dir", str(work), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=False)
+    assert ckpt["class_names"] == ["background", "widget", "gadget"]
+    final = json.loads((work / "metrics.json").read_text())["final"]
+    assert "cls_map" in final and "seg_miou" not in final  # no masks: the classifier's figures only
+    from ecaseg.engine.builders import build_dataset
+    from ecaseg.engine.config import load_config
+
+    cfg = load_config("synthetic_tiny", data)
+    train_ids = set(build_dataset(cfg, "train", train=True).ids)
+    val_ids = set(build_dataset(cfg, "val", train=False).ids)
+    assert len(val_ids) == 2 and len(train_ids) == 8 and not train_ids & val_ids
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(work / "last.pth"), *data]) == 2
+    assert "needs ground-truth masks" in capsys.readouterr().err

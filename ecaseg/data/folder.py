@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -200,6 +201,11 @@ class FolderDataset(SegmentationDataset):
             one name per line, or None for the VOC classes.
         transform: ``transform(image, mask) -> dict`` or None.
         cache_dir: folder for the label cache when labels come from masks.
+        subset: ``"all"`` images, or the ``"train"`` / ``"val"`` part of a held-out split: ``val_fraction``
+            of the images (at least one when the fraction is positive and there are two or more), drawn
+            with ``split_seed``; the two parts are disjoint and together hold every image.
+        val_fraction: share of the images held out for ``subset="val"``.
+        split_seed: seed of the held-out split.
 
     Example:
         >>> import tempfile, pathlib, cv2
@@ -220,7 +226,19 @@ class FolderDataset(SegmentationDataset):
         class_names: Sequence[str] | str | os.PathLike[str] | None = None,
         transform: Transform | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        subset: Literal["all", "train", "val"] = "all",
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ) -> None:
+        if subset not in ("all", "train", "val"):
+            raise DatasetError(f"subset must be 'all', 'train' or 'val', got {subset!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if subset == "val" and val_fraction == 0.0:
+            raise DatasetError(
+                "a folder dataset has a val part only with data.val_fraction > 0 (a held-out share of the "
+                "images) or a separate data.val_labels_file"
+            )
         self.images_dir = Path(images_dir).expanduser()
         self.masks_dir = None if masks_dir is None else Path(masks_dir).expanduser()
         names = resolve_class_names(class_names)
@@ -286,6 +304,15 @@ class FolderDataset(SegmentationDataset):
                     cache_name="folder",
                     cache_dir=cache_dir,
                 )
+        if subset != "all":
+            n = len(ids)
+            n_val = min(n - 1, max(1, round(val_fraction * n))) if n >= 2 else 0
+            order = np.random.default_rng(split_seed).permutation(n)
+            keep = sorted(order[:n_val] if subset == "val" else order[n_val:])
+            ids = [ids[i] for i in keep]
+            image_paths = [image_paths[i] for i in keep]
+            mask_paths = None if mask_paths is None else [mask_paths[i] for i in keep]
+            labels = None if labels is None else labels[keep]
         self._set_items(
             ids=ids,
             image_paths=image_paths,

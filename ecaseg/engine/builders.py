@@ -74,14 +74,55 @@ def build_dataset(cfg: Config, split: str, train: bool) -> Dataset[dict[str, Any
     if d.dataset == "folder":
         if not d.images_dir or not d.labels_file:
             raise ConfigError("data.dataset=folder needs data.images_dir and data.labels_file")
-        return FolderDataset(
-            d.images_dir,
-            d.labels_file,
-            masks_dir=d.masks_dir or None,
-            transform=transform,
-            cache_dir=cache_dir,
-        )
+        return build_folder_dataset(cfg, split, transform)
     raise ConfigError(f"unknown data.dataset {d.dataset!r}; valid choices: voc, coco, folder, synthetic")
+
+
+def folder_class_names(cfg: Config) -> tuple[str, ...] | str | None:
+    """The class names of a folder dataset: ``data.class_names``, ``data.classes_file``, a ``classes.txt``
+    beside the labels file (or in the images folder's parent), else None (the VOC classes)."""
+    d = cfg.data
+    if d.class_names:
+        return tuple(d.class_names)
+    if d.classes_file:
+        return d.classes_file
+    for folder in (
+        Path(d.labels_file).expanduser().parent if d.labels_file else None,
+        Path(d.images_dir).parent,
+    ):
+        if folder is not None and (folder / "classes.txt").is_file():
+            return str(folder / "classes.txt")
+    return None
+
+
+def build_folder_dataset(cfg: Config, split: str, transform: Any) -> FolderDataset:
+    """A folder dataset's ``split``: ``data.val_split`` is the val labels file or the held-out fraction."""
+    d = cfg.data
+    common: dict[str, Any] = {
+        "masks_dir": d.masks_dir or None,
+        "class_names": folder_class_names(cfg),
+        "transform": transform,
+        "cache_dir": d.cache_dir or None,
+    }
+    is_val = split == d.val_split
+    if d.val_labels_file:
+        labels = d.val_labels_file if is_val else d.labels_file
+        return FolderDataset(d.images_dir, labels or None, **common)
+    if d.val_fraction <= 0.0:
+        if is_val:
+            raise ConfigError(
+                "a folder dataset has no val split: set data.val_labels_file, or data.val_fraction > 0 "
+                "to hold out a share of the labelled images"
+            )
+        return FolderDataset(d.images_dir, d.labels_file or None, **common)
+    return FolderDataset(
+        d.images_dir,
+        d.labels_file or None,
+        subset="val" if is_val else "train",
+        val_fraction=d.val_fraction,
+        split_seed=cfg.train.seed,
+        **common,
+    )
 
 
 def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> ECANet:

@@ -47,6 +47,11 @@ class DataConfig:
     ``dataset`` selects the reader: ``voc`` (VOC 2012 + SBD under ``root``), ``coco`` (COCO 2014 under
     ``root``), ``folder`` (``images_dir`` + ``labels_file`` [+ ``masks_dir``]) or ``synthetic`` (the
     embedded benchmark, generated in memory from ``synthetic_*`` fields).
+
+    Folder datasets: the class names come from ``class_names``, else ``classes_file``, else a
+    ``classes.txt`` beside the labels file, else the VOC classes. ``val_split`` is either a separate
+    ``val_labels_file`` or, without one, the held-out ``val_fraction`` of the labelled images (drawn with
+    ``train.seed``; ``train_split`` is then the rest).
     """
 
     dataset: Literal["voc", "coco", "folder", "synthetic"] = "voc"
@@ -56,6 +61,10 @@ class DataConfig:
     images_dir: str = ""
     labels_file: str = ""
     masks_dir: str = ""
+    class_names: tuple[str, ...] = ()
+    classes_file: str = ""
+    val_labels_file: str = ""
+    val_fraction: float = 0.1
     cache_dir: str = ""
     crop_size: int = 512
     resize_long: tuple[int, int] = (512, 2048)
@@ -259,6 +268,7 @@ class Config:
             "data.synthetic_num_classes": (d.synthetic_num_classes, 1),
             "data.synthetic_num_train": (d.synthetic_num_train, 1),
             "data.synthetic_num_val": (d.synthetic_num_val, 1),
+            "data.val_fraction": (d.val_fraction, 0.0),
             "method.rw_switch_iter": (m.rw_switch_iter, 0),
             "method.cce_max_patches": (m.cce_max_patches, 2),
             "method.aff_radius": (m.aff_radius, 1),

@@ -17,6 +17,7 @@ from ecaseg.crf import CRFParams, dense_crf
 from ecaseg.engine.inference import MergeRule, autocast_context, predict_labels, predict_probs
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.engine.visualize import to_rgb_uint8
+from ecaseg.errors import DatasetError
 from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
 from ecaseg.models import ECANet
 from ecaseg.utils.dist import get_rank, get_world_size, is_main_process
@@ -81,7 +82,10 @@ def evaluate_segmentation(
             loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False
         ):
             if "mask" not in sample:
-                raise ValueError("evaluation needs ground-truth masks; this split has none")
+                raise DatasetError(
+                    "evaluation needs ground-truth masks and this split has none (a folder dataset needs "
+                    "data.masks_dir); ecaseg predict segments images without masks"
+                )
             images = sample["image"][None].to(device)
             target = sample["mask"][None].to(device)
             if crf is None:
@@ -135,7 +139,8 @@ def evaluate_wsss(
     ``cam_pseudo_miou`` (PAR-refined CAM pseudo-label), ``carm_miou`` (calibrated CARM thresholded at alpha)
     and ``carm_pseudo_miou`` (PAR-refined CARM pseudo-label) when the labeler has DINO, ``seg_miou``
     (single-scale decoder) and ``cls_map`` / ``cls_f1`` (classifier). Pseudo-labels use the ground-truth
-    image-level labels, as during training.
+    image-level labels, as during training. A split without masks (a folder dataset of image-level labels)
+    gets the classifier's figures only.
     """
     num_classes = net.num_classes
     metrics = {
@@ -149,11 +154,13 @@ def evaluate_wsss(
     for sample in tqdm(loader, desc="validate", disable=not (progress and is_main_process()), leave=False):
         images = sample["image"][None].to(device)
         labels = sample["label"][None].to(device)
-        target = sample["mask"][None].to(device)
         height, width = images.shape[-2:]
         with autocast_context(device, amp):
             out = net(images, with_seg=True, with_aff=False)
         cls_metric.update(out.cls_logits.float(), labels)  # logits: the metric applies the sigmoid
+        if "mask" not in sample:  # image-level labels only: the classifier is all that can be scored
+            continue
+        target = sample["mask"][None].to(device)
         assert out.seg_logits is not None
         seg = torch.nn.functional.interpolate(out.seg_logits.float(), size=(height, width), mode="bilinear")
         metrics["seg"].update(seg.argmax(1), target)
@@ -172,7 +179,9 @@ def evaluate_wsss(
     for name, metric in metrics.items():
         if name.startswith("carm") and not has_carm:
             continue
-        result[f"{name}_miou"] = float(metric.compute()["miou"])
+        scores = metric.compute()  # on every rank (a collective under DDP), masks or not
+        if float(np.asarray(scores["confusion"]).sum()) > 0:  # no masks: no segmentation figure
+            result[f"{name}_miou"] = float(scores["miou"])
     cls = cls_metric.compute()
     result["cls_map"] = float(cls["map"])
     result["cls_f1"] = float(cls["mean_f1"])

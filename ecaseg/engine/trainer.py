@@ -565,6 +565,9 @@ class ECATrainer:
                             for key, value in values.items():
                                 writer.add_scalar(f"loss/{key}", value, it)
                             writer.add_scalar("lr", lr, it)
+                # the checkpoint first: validation must never cost the work done so far
+                if cfg.train.ckpt_interval > 0 and it % cfg.train.ckpt_interval == 0:
+                    self.save_checkpoint()
                 if cfg.train.val_interval > 0 and (
                     it % cfg.train.val_interval == 0 or it == cfg.train.max_iters
                 ):
@@ -578,8 +581,6 @@ class ECATrainer:
                                 if not math.isnan(value):
                                     writer.add_scalar(f"val/{key}", value, it)
                             self._log_images(writer, step, batch, it)
-                if cfg.train.ckpt_interval > 0 and it % cfg.train.ckpt_interval == 0:
-                    self.save_checkpoint()
                 if self._stop_signal is not None:
                     if main:
                         logger.warning(
