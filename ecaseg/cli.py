@@ -56,7 +56,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA device is visible; use --device auto or cpu")
+    return device
 
 
 def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, Any]]:
@@ -88,7 +94,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             "it, --overwrite to train from scratch and replace it, or choose another --work-dir"
         )
     trainer = ECATrainer(cfg, args.work_dir, resume=args.resume, progress=not args.no_progress)
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except KeyboardInterrupt:
+        last = Path(args.work_dir) / "last.pth"
+        config = " ".join([args.config, *args.overrides])
+        print(
+            f"ecaseg train: interrupted at iteration {trainer.iteration}; checkpoint {last}; resume with: "
+            f"ecaseg train --config {config} --work-dir {args.work_dir} --resume",
+            file=sys.stderr,
+        )
+        return 130
     if is_main_process():
         print(
             json.dumps({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}, indent=2)
@@ -500,7 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ecaseg`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # section.key=value overrides may stand on both sides of the options (argparse alone would take the
+    # later ones for unknown arguments)
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        if not isinstance(getattr(args, "overrides", None), list):
+            parser.error(f"ecaseg {args.command} takes no section.key=value overrides: {' '.join(late)}")
+        args.overrides = [*args.overrides, *late]
     try:
         return int(args.func(args))
     except (EcasegError, FileNotFoundError) as err:
@@ -509,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ecaseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, a read-only folder, permissions: one line naming the path
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"ecaseg {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

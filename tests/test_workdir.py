@@ -105,3 +105,68 @@ def test_divergence_stops_the_run_keeps_the_last_good_checkpoint(
     saved = torch.load(work / "last.pth", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert saved["iteration"] == good["iteration"]  # the first run's checkpoint, untouched
+
+
+def test_ctrl_c_during_validation_stops_it_and_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import ecaseg.engine.trainer as trainer_module
+
+    seen: list[int] = []
+    original = trainer_module.evaluate_wsss
+
+    def interrupted(*args: object, **kwargs: object) -> dict[str, float]:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as validation starts
+        stop = kwargs["should_stop"]
+        assert callable(stop)
+
+        def counting() -> bool:
+            seen.append(1)
+            return bool(stop())
+
+        kwargs["should_stop"] = counting
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module, "evaluate_wsss", interrupted)
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", "train.max_iters=4", "train.val_interval=2"]
+    argv += ["train.ckpt_interval=0", "train.tensorboard=false", "data.synthetic_num_val=50"]
+    assert main([*argv, "--work-dir", str(work), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"interrupted at iteration 2; checkpoint {work / 'last.pth'}; resume with: ecaseg train" in err
+    assert "--resume" in err and (work / "last.pth").is_file()
+    assert len(seen) == 1  # validation stopped at its first image, not after 50
+
+
+def test_os_errors_and_missing_devices_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert _train(blocker / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(blocker) in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        work = tmp_path / "ok"
+        assert _train(work) == 0
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", str(work / "last.pth"), "--device", "cuda"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
+        assert _train(tmp_path / "gpu", "train.device=cuda") == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_class_count_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "run"
+    assert _train(work) == 0
+    capsys.readouterr()
+    assert _train(work, "data.synthetic_num_classes=4", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not match this run's (5 classes" in err, err

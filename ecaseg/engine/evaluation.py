@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
@@ -132,6 +132,7 @@ def evaluate_wsss(
     amp: str = "none",
     num_workers: int = 0,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """The WSSS diagnostics of the paper's tables on a split with masks.
 
@@ -152,6 +153,8 @@ def evaluate_wsss(
     has_carm = labeler.dino is not None and labeler.carm_generator is not None
     loader = eval_loader(dataset, max_images, num_workers)
     for sample in tqdm(loader, desc="validate", disable=not (progress and is_main_process()), leave=False):
+        if should_stop is not None and should_stop():
+            break  # interrupted: the figures of the images seen so far
         images = sample["image"][None].to(device)
         labels = sample["label"][None].to(device)
         height, width = images.shape[-2:]

@@ -252,6 +252,10 @@ class ECATrainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _select_device(self, name: str) -> torch.device:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu"
+            )
         if name == "auto":
             if torch.cuda.is_available():
                 local = int(os.environ.get("LOCAL_RANK", 0))
@@ -317,7 +321,15 @@ class ECATrainer:
         """Restore :meth:`state_dict` output (checks that the checkpoint's model matches this config)."""
         saved = config_from_dict(ckpt["config"])
         check_compatible(saved, self.cfg)
-        self.net.load_state_dict(ckpt["model"])
+        try:
+            self.net.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            classes = ckpt["model"].get("classifier.weight")
+            got = f"{int(classes.shape[0]) + 1} classes" if isinstance(classes, Tensor) else "another network"
+            raise CheckpointError(
+                f"the checkpoint's network ({got}) does not match this run's ({self.net.num_classes} "
+                f"classes, {self.cfg.model.backbone}): {' '.join(str(err).split())[:300]}"
+            ) from None
         if self.carm_generator is not None and ckpt.get("carm") is not None:
             self.carm_generator.load_state_dict(ckpt["carm"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -492,6 +504,9 @@ class ECATrainer:
         """CAM, CARM, pseudo-label and segmentation mIoU and the classifier score on the val split."""
         if self.val_dataset is None:
             return {}
+        # Ctrl-C stops validation within an image (in a single process; under DDP every rank must finish the
+        # same number of images, so the signal waits for the end of validation there)
+        should_stop = None if is_distributed() else (lambda: self._stop_signal is not None)
         metrics = evaluate_wsss(
             self.net,
             self.val_dataset,
@@ -500,6 +515,7 @@ class ECATrainer:
             max_images=self.cfg.data.val_max_images,
             amp=self.cfg.train.amp,
             progress=self.progress,
+            should_stop=should_stop,
         )
         return metrics
 
