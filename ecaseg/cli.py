@@ -367,16 +367,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ecaseg.engine.demo import run_demo
+    from ecaseg.engine.demo import demo_targets, run_demo
 
+    out = Path(args.out)
     report = run_demo(
-        out_dir=Path(args.out),
-        seed=args.seed,
-        quick=args.quick,
-        progress=not args.no_progress,
-        overrides=args.overrides,
+        out_dir=out, seed=args.seed, quick=args.quick, progress=not args.no_progress, overrides=args.overrides
     )
-    print(json.dumps(report, indent=2))
+    for statement, met in demo_targets(report):
+        print(f"{'met    ' if met else 'NOT met'}  {statement}")
+    print(
+        f"ECA {100 * report['seg_miou']:.1f} %, AFA baseline {100 * report['baseline_seg_miou']:.1f} %, "
+        f"supervised {100 * report['supervised_seg_miou']:.1f} % mIoU; the full report: {out / 'report.md'}"
+    )
     return 0
 
 

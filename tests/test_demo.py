@@ -13,8 +13,13 @@ from ecaseg.engine.demo import demo_configs
 from ecaseg.errors import ConfigError
 
 
-def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
+def test_quick_demo_writes_report_metrics_and_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].endswith(f"the full report: {tmp_path / 'report.md'}")  # not a JSON dump
+    assert sum(line.startswith(("met", "NOT met")) for line in out) == 3
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     keys = {
         "cam_pseudo_miou",
@@ -51,6 +56,10 @@ def test_quick_demo_writes_report_metrics_and_figures(tmp_path: Path) -> None:
         assert metrics[f"{prefix}seg_miou"] != metrics[f"{prefix}seg_miou_plain"], prefix
     report = (tmp_path / "report.md").read_text()
     assert "seg_miou" in report and "| mIoU" in report
+    assert (
+        "## Targets" in report and "CARM pseudo-label: the CARM refined by PAR" in report
+    )  # names explained
+    assert "(IoU %)" in report
     for figure in ("panels.png", "per_class_iou.png"):
         assert (tmp_path / figure).stat().st_size > 1000, figure
 
@@ -96,3 +105,22 @@ def test_demo_refuses_the_pretraining_source_seed() -> None:
         ],
     )
     assert configs["eca"].model.backbone == "mit_nano"
+
+
+def test_panels_have_titles_ground_truth_and_a_legend() -> None:
+    import torch
+
+    from ecaseg.engine.pseudo import PseudoLabels
+    from ecaseg.engine.visualize import training_panels
+
+    images = torch.zeros(2, 3, 32, 32)
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    pseudo = PseudoLabels(
+        cams=torch.rand(2, 2, 4, 4), cam_label=label, carm=torch.rand(2, 3, 4, 4), carm_label=label
+    )
+    plain = training_panels(images, pseudo, label, 2)
+    full = training_panels(images, pseudo, label, 2, masks=label, class_names=["background", "cat", "dog"])
+    assert full.shape[1] == plain.shape[1] + 32 + 4  # one more column: the ground truth
+    assert full.shape[0] > plain.shape[0]  # the legend band below
+    title_band = full[:18]
+    assert (title_band < 128).any()  # the column titles are drawn

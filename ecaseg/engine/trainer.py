@@ -649,7 +649,7 @@ class ECATrainer:
                 pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
         finally:
             self.net.train(was_training)
-        grid = training_panels(batch["image"][:n], step.pseudo, pred, n)
+        grid = training_panels(batch["image"][:n], step.pseudo, pred, n, class_names=self.class_names or None)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
 
 

@@ -59,11 +59,42 @@ def panel_row(panels: Sequence[np.ndarray], titles: Sequence[str] | None = None,
     return row
 
 
-def training_panels(images: Tensor, pseudo: PseudoLabels, pred: Tensor, n: int) -> np.ndarray:
+def class_legend(class_names: Sequence[str], width: int) -> np.ndarray:
+    """A band of colour swatches with the class names (VOC palette; white = ignored), ``width`` wide."""
+    entries = [*((name, colorize(np.array([[k]]))[0, 0]) for k, name in enumerate(class_names))]
+    entries.append(("ignored", np.array([255, 255, 255], np.uint8)))
+    x, y, line = 4, 4, 16
+    positions = []
+    for name, _ in entries:
+        step = 16 + 7 * len(name) + 10
+        if x + step > width and x > 4:
+            x, y = 4, y + line
+        positions.append((x, y))
+        x += step
+    band = np.full((y + line + 2, width, 3), 255, np.uint8)
+    for (name, colour), (x, y) in zip(entries, positions):
+        cv2.rectangle(band, (x, y), (x + 11, y + 11), tuple(int(c) for c in colour), -1)
+        cv2.rectangle(band, (x, y), (x + 11, y + 11), (120, 120, 120), 1)
+        cv2.putText(band, name, (x + 15, y + 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    return band
+
+
+def training_panels(
+    images: Tensor,
+    pseudo: PseudoLabels,
+    pred: Tensor,
+    n: int,
+    masks: Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
     """One row per image: image, CAM (max over classes), CARM (max over fg classes), CAM pseudo-label,
-    CARM pseudo-label, prediction. Returns ``[H, W, 3]`` uint8."""
+    CARM pseudo-label, prediction and, with ``masks``, the ground truth; a title band on top and, with
+    ``class_names``, a class colour legend below. Returns ``[H, W, 3]`` uint8."""
     rgb = to_rgb_uint8(images[:n])
     rows = []
+    titles = ["image", "CAM", *(["CARM"] if pseudo.carm is not None else []), "CAM pseudo-label"]
+    titles += [*(["CARM pseudo-label"] if pseudo.carm_label is not None else []), "prediction"]
+    titles += ["ground truth"] if masks is not None else []
     for i in range(n):
         image = rgb[i]
         size = image.shape[:2]
@@ -74,13 +105,17 @@ def training_panels(images: Tensor, pseudo: PseudoLabels, pred: Tensor, n: int) 
         if pseudo.carm_label is not None:
             panels.append(label_panel(pseudo.carm_label[i].cpu().numpy(), size))
         panels.append(label_panel(pred[i].cpu().numpy(), size))
-        rows.append(panel_row(panels))
+        if masks is not None:
+            panels.append(label_panel(masks[i].cpu().numpy(), size))
+        rows.append(panel_row(panels, titles if i == 0 else None))
     gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
     stacked: list[np.ndarray] = []
     for i, row in enumerate(rows):
         if i:
             stacked.append(gap)
         stacked.append(row)
+    if class_names:
+        stacked += [gap, class_legend(class_names, rows[0].shape[1])]
     return np.concatenate(stacked, axis=0)
 
 
@@ -89,6 +124,7 @@ def bar_chart(
     class_names: Sequence[str],
     height: int = 220,
     bar_width: int = 9,
+    title: str = "",
 ) -> np.ndarray:
     """Grouped bar chart of per-class values in [0, 1] (e.g. IoU per class for several models).
 
@@ -97,6 +133,7 @@ def bar_chart(
         class_names: the class names, in order (x axis labels).
         height: height of the plotting area in pixels.
         bar_width: width of one bar in pixels.
+        title: drawn above the legend (the y axis is labelled in %).
 
     Returns:
         ``[H, W, 3]`` uint8 RGB image with a legend.
@@ -104,14 +141,21 @@ def bar_chart(
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
     names = list(series)
     group = max(bar_width * len(names) + 8, 64)
-    left, top, bottom = 34, 24, 30
+    left, top, bottom = 34, 24 + (16 if title else 0), 30
     width = max(left + group * len(class_names) + 10, left + 110 * len(names))
     canvas = np.full((top + height + bottom, width, 3), 255, np.uint8)
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + round((1 - tick) * height)
         cv2.line(canvas, (left, y), (width - 5, y), (225, 225, 225), 1)
         cv2.putText(
-            canvas, f"{tick:.2f}", (2, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (90, 90, 90), 1, cv2.LINE_AA
+            canvas,
+            f"{100 * tick:.0f}%",
+            (2, y + 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.3,
+            (90, 90, 90),
+            1,
+            cv2.LINE_AA,
         )
     for c, class_name in enumerate(class_names):
         x0 = left + c * group + 4
@@ -126,8 +170,13 @@ def bar_chart(
         cv2.putText(
             canvas, class_name[:10], label_pos, cv2.FONT_HERSHEY_SIMPLEX, 0.3, (0, 0, 0), 1, cv2.LINE_AA
         )
+    legend_y = 6 + (16 if title else 0)
+    if title:
+        cv2.putText(canvas, title, (left, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for m, name in enumerate(names):
         x = left + m * 110
-        cv2.rectangle(canvas, (x, 6), (x + 10, 16), colors[m % len(colors)], -1)
-        cv2.putText(canvas, name, (x + 14, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.rectangle(canvas, (x, legend_y), (x + 10, legend_y + 10), colors[m % len(colors)], -1)
+        cv2.putText(
+            canvas, name, (x + 14, legend_y + 9), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA
+        )
     return canvas
