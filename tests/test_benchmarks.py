@@ -57,3 +57,25 @@ def test_carm_oracle_reports_every_cue(tmp_path: Path) -> None:
         assert 0.0 <= figures[f"carm_miou_gamma0.9_cue{cue}"] <= 1.0, cue
     assert 0.0 <= figures["contrast_cue_auc"] <= 1.0
     assert "contrast_cue_auc" in out
+
+
+def test_afa_rules_compares_merge_cam_rule_and_par_input(tmp_path: Path) -> None:
+    from ecaseg.cli import main
+
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", "train.max_iters=2", "train.val_interval=0"]
+    assert main([*argv, "--work-dir", str(work), "--no-progress"]) == 0
+    _run(
+        "afa_rules.py",
+        "--checkpoint",
+        str(work / "last.pth"),
+        "--max-images",
+        "2",
+        "--results-dir",
+        str(tmp_path),
+    )
+    (path,) = tmp_path.glob("afa-rules-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert set(figures["merge"]) == {"max", "max_crf", "mean", "mean_crf", "pixels_changed"}
+    assert set(figures["cam_rule_x_par_input"]) == {"sum/scores", "sum/softmax", "afa/scores", "afa/softmax"}
+    assert all(0.0 <= v["cam_pseudo_miou"] <= 1.0 for v in figures["cam_rule_x_par_input"].values())
