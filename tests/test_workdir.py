@@ -170,3 +170,21 @@ def test_a_checkpoint_of_another_class_count_is_a_one_line_error(
     assert _train(work, "data.synthetic_num_classes=4", "--resume") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not match this run's (5 classes" in err, err
+
+
+def test_the_checkpoint_is_written_before_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.1 validated first: a crash in validation lost the work of the interval."""
+    import torch
+
+    import ecaseg.engine.trainer as trainer_module
+
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(trainer_module, "evaluate_wsss", broken)
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", "train.max_iters=4", "train.val_interval=2"]
+    argv += ["train.ckpt_interval=2", "train.tensorboard=false", "--work-dir", str(work), "--no-progress"]
+    with pytest.raises(RuntimeError, match="validation failed"):
+        main(argv)
+    assert torch.load(work / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 2
