@@ -6,6 +6,8 @@
 * :func:`contrast_cue` -- an alternative foreground cue (ecaseg extension): how far each key is from the
   image's mean key, for affinity ViTs whose class token does not single out the objects.
 * :func:`region_maps` -- Eq. (6)-(7): seed propagation on the thresholded graph, min-max per map.
+* :func:`seed_degree` -- Eq. (6)-(7)'s seed degrees from the graph's seed rows only (what
+  :class:`CARMGenerator` computes; equal to the dense product).
 * :class:`CARMGenerator` -- the whole SAE module (seeds -> graph -> CARM -> prototype calibration,
   Eq. (8)-(10) via :class:`ecaseg.prototypes.MomentumPrototypes`).
 
@@ -45,6 +47,7 @@ __all__ = [
     "contrast_cue",
     "foreground_cue",
     "region_maps",
+    "seed_degree",
     "select_seeds",
 ]
 
@@ -223,7 +226,7 @@ def region_maps(
         raise ValueError(
             f"seeds must be [B, K, N] and graph [B, N, N], got {tuple(seeds.shape)}, {tuple(graph.shape)}"
         )
-    batch, num_classes, n = seeds.shape
+    batch, _, n = seeds.shape
     if graph.shape != (batch, n, n):
         raise ValueError(f"graph must be [B, N, N] = [{batch}, {n}, {n}], got {tuple(graph.shape)}")
     if fg_cue is not None and fg_cue.shape != (batch, n):
@@ -231,13 +234,68 @@ def region_maps(
     with _no_autocast(graph.device):
         adjacency = (graph > gamma).float()
         degree = seeds.float() @ adjacency  # [B, K, N]: sum of A(i) over each class's seeds
+        return _apply_cue(degree, fg_cue, clamp_fg_cue, eps)
+
+
+def _apply_cue(degree: Tensor, fg_cue: Tensor | None, clamp_fg_cue: bool, eps: float = 1e-5) -> Tensor:
+    """Eq. (7)'s product with the foreground cue (foreground classes only), then min-max per map."""
+    with _no_autocast(degree.device):
         if fg_cue is None:
             maps = degree
         else:
             cue = fg_cue.float().clamp_min(0.0) if clamp_fg_cue else fg_cue.float()
-            is_fg = (torch.arange(num_classes, device=seeds.device) > 0).view(1, -1, 1)
+            is_fg = (torch.arange(degree.shape[1], device=degree.device) > 0).view(1, -1, 1)
             maps = torch.where(is_fg, degree * cue.unsqueeze(1), degree)
         return minmax_normalize(maps, eps)
+
+
+def seed_degree(
+    seeds: Tensor, keys: Tensor, gamma: float, k: float | None = None, eps: float = 1e-8
+) -> Tensor:
+    """``seeds @ (affinity_graph(keys) > gamma)`` computed from the seed rows of the graph only.
+
+    Seeds never overlap between classes, so an image has at most ``sum_c ceil(k n_c) <= ceil(k N) + K``
+    seed positions (Eq. (3), ``sum_c n_c <= N``). Their indices are gathered with a fixed-size ``topk`` (no
+    host synchronisation), only those rows of the cosine graph are computed (``[B, M, N]`` instead of
+    ``[B, N, N]``), thresholded, and summed per class. The result is the degree of Eq. (7) before the
+    foreground cue, equal to the dense product.
+
+    Args:
+        seeds: ``[B, K, N]`` bool exclusive seeds (:func:`select_seeds`).
+        keys: ``[B, N, D]`` patch keys.
+        gamma: Graph threshold of Eq. (6).
+        k: The seed fraction the seeds were drawn with (bounds the row count); ``None`` uses every row
+            that holds a seed in some image (a host synchronisation).
+        eps: Norm floor of the cosine.
+
+    Returns:
+        ``[B, K, N]`` float32 degrees.
+
+    Example:
+        >>> keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]])
+        >>> seeds = torch.tensor([[[False, False, True], [True, False, False]]])
+        >>> seed_degree(seeds, keys, gamma=0.5, k=0.5).tolist()
+        [[[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]]
+    """
+    if seeds.dim() != 3 or keys.dim() != 3 or keys.shape[:2] != (seeds.shape[0], seeds.shape[2]):
+        raise ValueError(
+            f"seeds must be [B, K, N] and keys [B, N, D] with the same B and N, got {tuple(seeds.shape)} and "
+            f"{tuple(keys.shape)}"
+        )
+    _, num_classes, n = seeds.shape
+    seeds = seeds.bool()
+    with _no_autocast(keys.device):
+        unit = F.normalize(keys.float(), dim=-1, eps=eps)
+        is_seed = seeds.any(dim=1)  # [B, N]
+        rows = n if k is None else min(n, math.ceil(k * n) + num_classes)
+        if k is None:
+            rows = max(1, int(is_seed.sum(dim=1).max()))
+        score, index = is_seed.float().topk(rows, dim=1)  # seed positions first
+        valid = score > 0  # [B, M]
+        rows_unit = torch.gather(unit, 1, index.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))  # [B, M, D]
+        adjacency = ((rows_unit @ unit.transpose(1, 2)) > gamma) & valid.unsqueeze(-1)  # [B, M, N]
+        owner = torch.gather(seeds, 2, index.unsqueeze(1).expand(-1, num_classes, -1))  # [B, K, M]
+        return (owner & valid.unsqueeze(1)).float() @ adjacency.float()
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -278,6 +336,8 @@ class CARMGenerator(nn.Module):
     1. the normalised foreground CAM is resampled to the DINO grid (bilinear when upsampling, area average
        when shrinking) and the background CAM is computed there (Eq. (2));
     2. seeds (Eq. (3)), graph (Eq. (4)), foreground cue (Eq. (5)) and CARM (Eq. (6)-(7)) on the DINO grid;
+       only the graph's rows at seed positions are computed (:func:`seed_degree`; at most ``ceil(k N) + K``
+       of the ``N`` rows), never the whole ``[B, N, N]`` graph;
     3. the prototype tokens are resampled to the DINO grid the same way, so the seeds index tokens directly:
        prototypes are updated with exactly the seed sets ``Q_c`` (Eq. (8)) and the CARM is calibrated there
        (Eq. (9)-(10)). The tokens are ``features`` when given (the trainer passes the segmentation
@@ -483,13 +543,14 @@ class CARMGenerator(nn.Module):
             fg = _resize(cams.float() * present[:, 1:, None, None].float(), (hd, wd)).flatten(2)
             scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
             seeds = select_seeds(scores, labels, self.k)
-            graph = affinity_graph(dino.keys)
             cue: Tensor | None = None
             if self.fg_cue == "cls":
                 cue = foreground_cue(dino.cls_query, dino.keys)
             elif self.fg_cue == "contrast":
                 cue = contrast_cue(dino.keys)
-            carm_d = region_maps(seeds, graph, cue, self.gamma, self.clamp_fg_cue)
+            # Eq. (6)-(7) from the graph's seed rows only (seed_degree): the [B, N, N] graph is never built
+            degree = seed_degree(seeds, dino.keys, self.gamma, self.k)
+            carm_d = _apply_cue(degree, cue, self.clamp_fg_cue)
             carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
             if not self.calibrate or self.prototypes is None:
                 return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)

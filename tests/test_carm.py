@@ -325,3 +325,25 @@ def test_carm_generator_bad_shapes() -> None:
         module(cams, labels, _dino(keys, query, (8, 8)), feats[:, :5])
     with pytest.raises(ValueError, match="cams"):
         module(cams[:, :2], labels, _dino(keys, query, (8, 8)), feats)
+
+
+@pytest.mark.parametrize(("n_side", "k", "classes"), [(8, 0.3, 5), (12, 0.15, 21), (6, 1.0, 3)])
+def test_seed_rows_equal_the_dense_graph(n_side: int, k: float, classes: int) -> None:
+    """CARMGenerator builds only the seed rows of the graph; the degrees equal the dense product."""
+    from ecaseg.carm import seed_degree
+
+    gen = torch.Generator().manual_seed(n_side + classes)
+    b, n = 3, n_side * n_side
+    cams = minmax_normalize(torch.rand(b, classes - 1, n, generator=gen))
+    labels = (torch.rand(b, classes - 1, generator=gen) < 0.5).float()
+    labels[:, 0] = 1.0
+    seeds = select_seeds(with_background(cams * labels[:, :, None]), labels, k)
+    keys = torch.randn(b, n, 16, generator=gen)
+    graph = affinity_graph(keys)
+    gamma = 0.15
+    near = ((graph - gamma).abs() < 1e-5).any()  # a cosine at the threshold could round either way
+    assert not near
+    dense = seeds.float() @ (graph > gamma).float()
+    torch.testing.assert_close(seed_degree(seeds, keys, gamma, k), dense, rtol=0, atol=0)
+    torch.testing.assert_close(seed_degree(seeds, keys, gamma), dense, rtol=0, atol=0)  # rows from the data
+    assert int(seeds.any(dim=1).sum(dim=1).max()) <= math.ceil(k * n) + classes  # the bound on the rows
