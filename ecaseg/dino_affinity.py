@@ -654,7 +654,7 @@ def fit_to_patch(images: Tensor, patch_size: int, resize: bool = True) -> Tensor
     return F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
 
 
-def extract_features(vit: VisionTransformer, images: Tensor) -> DINOFeatures:
+def extract_features(vit: VisionTransformer, images: Tensor, with_tokens: bool = True) -> DINOFeatures:
     """Run ``vit`` and collect the last block's patch keys and class query plus the final patch tokens.
 
     All blocks but the last run as usual (timm's fused SDPA attention, no attention matrix is built). For the
@@ -665,6 +665,8 @@ def extract_features(vit: VisionTransformer, images: Tensor) -> DINOFeatures:
     Args:
         vit: A timm ``VisionTransformer`` with a class token and ``dynamic_img_size=True``.
         images: ``[B, 3, H, W]`` with H and W multiples of the patch size.
+        with_tokens: Also compute the final patch tokens (the last block's output and norm); ``False``
+            stops at the last block's ``qkv`` and leaves ``tokens`` None.
 
     Returns:
         :class:`DINOFeatures` in the dtype of the computation (call under ``torch.no_grad``).
@@ -693,9 +695,10 @@ def extract_features(vit: VisionTransformer, images: Tensor) -> DINOFeatures:
     qkv = attn.qkv(last.norm1(x)).reshape(bsz, n_tok, 3, attn.num_heads, -1)
     q = attn.q_norm(qkv[:, :, 0]).flatten(2)  # [B, T, heads * head_dim]
     k = attn.k_norm(qkv[:, :, 1]).flatten(2)
-    x = vit.norm(last(x))
     n_prefix = vit.num_prefix_tokens  # class token first, then registers
-    return DINOFeatures(keys=k[:, n_prefix:], cls_query=q[:, 0], tokens=x[:, n_prefix:], grid=(h, w))
+    # the last block's attention output, MLP and the final norm only make the tokens
+    tokens = vit.norm(last(x))[:, n_prefix:] if with_tokens else None
+    return DINOFeatures(keys=k[:, n_prefix:], cls_query=q[:, 0], tokens=tokens, grid=(h, w))
 
 
 def _enable_dynamic_size(vit: VisionTransformer) -> None:
@@ -835,7 +838,7 @@ class DINOAffinity(nn.Module):
 
     if TYPE_CHECKING:
 
-        def __call__(self, images: Tensor) -> DINOFeatures: ...
+        def __call__(self, images: Tensor, with_tokens: bool = True) -> DINOFeatures: ...
 
     @staticmethod
     def _from_hub(name: str, variant: DINOVariant) -> VisionTransformer:
@@ -873,11 +876,14 @@ class DINOAffinity(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> DINOFeatures:
+    def forward(self, images: Tensor, with_tokens: bool = True) -> DINOFeatures:
         """Extract keys, class query and patch tokens.
 
         Args:
             images: ``[B, 3, H, W]`` ImageNet-normalised; resized to a multiple of the patch size if needed.
+            with_tokens: Also run the last block's attention output, MLP and final norm for ``tokens``;
+                ``False`` stops at the last block's ``qkv`` (``tokens`` is None), which is all Eq. (4)-(5)
+                need (the trainer passes its own features to the prototypes).
 
         Returns:
             :class:`DINOFeatures` (float32) on the input's device, ``N = h * w`` with ``(h, w) = grid``.
@@ -888,7 +894,7 @@ class DINOAffinity(nn.Module):
         images = images.to(self.vit.patch_embed.proj.weight.dtype)
         use_amp = self.autocast and images.device.type == "cuda"
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = extract_features(self.vit, images)
+            out = extract_features(self.vit, images, with_tokens=with_tokens)
         tokens = out.tokens.float() if out.tokens is not None else None
         return DINOFeatures(
             keys=out.keys.float(), cls_query=out.cls_query.float(), tokens=tokens, grid=out.grid

@@ -539,3 +539,17 @@ def test_a_failed_registration_leaves_nothing_behind() -> None:
     with pytest.raises(ConfigError, match="cannot register DINO variant 'broken'"):
         register_variant("broken", bad_kwargs)
     assert list_variants() == before
+
+
+def test_without_tokens_stops_at_the_last_qkv_with_equal_keys() -> None:
+    torch.manual_seed(4)
+    dino = DINOAffinity("vit_nano_p8", allow_random_init=True)
+    images = torch.randn(2, 3, 32, 40)
+    full, short = dino(images), dino(images, with_tokens=False)
+    assert short.tokens is None and full.tokens is not None
+    assert torch.equal(full.keys, short.keys) and torch.equal(full.cls_query, short.cls_query)
+    calls: list[int] = []
+    hook = dino.vit.norm.register_forward_hook(lambda *_: calls.append(1))
+    dino(images, with_tokens=False)
+    hook.remove()
+    assert not calls  # the final norm (and the last MLP before it) did not run

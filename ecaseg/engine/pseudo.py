@@ -298,7 +298,7 @@ class PseudoLabelPipeline:
         carm_label_band: Tensor | None = None
         if with_carm and self.dino is not None and self.carm_generator is not None:
             assert features is not None
-            dino = self.dino(images)
+            dino = self.dino(images, with_tokens=False)  # the prototypes use the backbone's features
             result = self.carm_generator(
                 cams, labels, dino, features.detach().float(), update_prototypes=update_prototypes
             )
