@@ -48,12 +48,26 @@ def check_finite(x: Tensor, name: str) -> None:
             )
 
 
-def check_unit_range(x: Tensor, name: str, hint: str = NORMALIZE_HINT, tol: float = UNIT_RANGE_TOL) -> None:
-    """Raise ``ValueError`` unless every value of ``x`` is finite and in ``[0, 1]`` (within ``tol``)."""
+def check_unit_range(
+    x: Tensor,
+    name: str,
+    hint: str = NORMALIZE_HINT,
+    tol: float = UNIT_RANGE_TOL,
+    labels: Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` unless every value of ``x`` is finite and in ``[0, 1]`` (within ``tol``).
+
+    With ``labels`` (``[B, C]`` for ``x`` of ``[B, C, ...]``) the range is checked on the labelled channels
+    only (the blocks zero the others); finiteness is checked everywhere.
+    """
     check_finite(x, name)
     if x.numel() == 0:
         return
-    lo, hi = torch.aminmax(x.detach().float())
+    values = x.detach().float()
+    if labels is not None:
+        keep = (labels > 0).reshape(*labels.shape, *([1] * (values.dim() - 2)))
+        values = torch.where(keep, values, torch.zeros((), device=values.device))
+    lo, hi = torch.aminmax(values)
     lo_v, hi_v = float(lo), float(hi)
     if lo_v < -tol or hi_v > 1.0 + tol:
         raise ValueError(f"{name} must lie in [0, 1], got values in [{lo_v:.4g}, {hi_v:.4g}]; {hint}")

@@ -471,7 +471,7 @@ class CARMGenerator(nn.Module):
             )
         if not self.validate:
             return
-        check_unit_range(cams, "cams")
+        check_unit_range(cams, "cams", labels=labels)
         check_multi_hot(labels, "labels")
         check_normalized_maps(cams, labels, "cams")
         check_finite(dino.keys, "dino.keys")

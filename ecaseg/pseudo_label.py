@@ -119,7 +119,7 @@ def refine_pseudo_label(
     if band is not None and band[0] > band[1]:
         raise ValueError(f"band must be (low, high) with low <= high, got {band}")
     if validate:
-        check_unit_range(scores, "scores")
+        check_unit_range(scores, "scores", labels=labels)
         check_multi_hot(labels, "labels")
         check_unit_range(
             images_denorm,

@@ -309,3 +309,19 @@ def test_crf_takes_channels_first_images_like_every_other_block() -> None:
         crf(hwc.numpy(), probs * float("nan"))
     with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
         crf(np.zeros((2, 6, 7), np.uint8), probs)
+
+
+def test_unlabelled_channels_may_hold_anything_finite() -> None:
+    """The contract table: absent classes are zeroed, so only labelled maps must be normalised."""
+    gen = CARMGenerator(num_classes=4, feature_dim=6)
+    cams = _cams()
+    cams[0, 1] = 7.0  # class 2 is not labelled in image 0
+    out = gen(cams, LABELS, _dino())
+    assert torch.all(out.carm[0, 2] == 0)
+    cams[0, 0, 0, 0] = 7.0  # class 1 is labelled in image 0
+    with pytest.raises(ValueError, match=r"cams must lie in \[0, 1\]"):
+        gen(cams, LABELS, _dino())
+    cams[0, 0, 0, 0] = 0.5
+    cams[0, 1, 0, 0] = float("nan")  # non-finite values are refused everywhere
+    with pytest.raises(ValueError, match="non-finite"):
+        gen(cams, LABELS, _dino())
