@@ -122,5 +122,7 @@ def test_panels_have_titles_ground_truth_and_a_legend() -> None:
     full = training_panels(images, pseudo, label, 2, masks=label, class_names=["background", "cat", "dog"])
     assert full.shape[1] == plain.shape[1] + 32 + 4  # one more column: the ground truth
     assert full.shape[0] > plain.shape[0]  # the legend band below
-    title_band = full[:18]
-    assert (title_band < 128).any()  # the column titles are drawn
+    title_band = full[:18]  # a white band with dark text (the images below are grey, not white)
+    assert (title_band == 255).all(axis=-1).mean() > 0.5 and (title_band < 128).any()
+    legend = full[-20:]
+    assert (legend == 255).all(axis=-1).mean() > 0.5  # the legend band, white with swatches
