@@ -124,7 +124,7 @@ def bench_steps(
                 f"train.compile={str(compile_model).lower()}",
             ],
         )
-        trainer = ECATrainer(cfg, "/tmp/ecaseg-bench", train_dataset=data, progress=False)
+        trainer = ECATrainer(cfg, "/tmp/ecaseg-bench", overwrite=True, train_dataset=data, progress=False)
         batch = make_batch(data, s["batch"], device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

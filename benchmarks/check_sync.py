@@ -28,7 +28,7 @@ def main() -> None:
         return
     cfg = random_weights_config([])
     data = RandomSegData(21, 512)
-    trainer = ECATrainer(cfg, "/tmp/ecaseg-sync", train_dataset=data, progress=False)
+    trainer = ECATrainer(cfg, "/tmp/ecaseg-sync", overwrite=True, train_dataset=data, progress=False)
     samples = [data[i] for i in range(8)]
     batch = {
         "image": torch.stack([s["image"] for s in samples]).pin_memory(),

@@ -87,13 +87,9 @@ def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, A
 def cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
     cfg = load_config(args.config, args.overrides)
-    existing = Path(args.work_dir) / "last.pth"
-    if existing.is_file() and not (args.resume or args.overwrite):
-        raise ConfigError(
-            f"work dir {args.work_dir} already holds a checkpoint ({existing}); pass --resume to continue "
-            "it, --overwrite to train from scratch and replace it, or choose another --work-dir"
-        )
-    trainer = ECATrainer(cfg, args.work_dir, resume=args.resume, progress=not args.no_progress)
+    trainer = ECATrainer(
+        cfg, args.work_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     try:
         metrics = trainer.train()
     except KeyboardInterrupt:

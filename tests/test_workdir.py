@@ -188,3 +188,16 @@ def test_the_checkpoint_is_written_before_validation(tmp_path: Path, monkeypatch
     with pytest.raises(RuntimeError, match="validation failed"):
         main(argv)
     assert torch.load(work / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 2
+
+
+def test_the_library_trainer_refuses_to_replace_a_checkpoint_too(tmp_path: Path) -> None:
+    from ecaseg.engine.config import load_config
+    from ecaseg.engine.trainer import ECATrainer
+    from ecaseg.errors import CheckpointError
+
+    cfg = load_config("synthetic_tiny", TINY)
+    ECATrainer(cfg, tmp_path, progress=False).train()
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        ECATrainer(cfg, tmp_path, progress=False)
+    ECATrainer(cfg, tmp_path, overwrite=True, progress=False)  # explicit
+    ECATrainer(cfg, tmp_path, resume=True, progress=False)

@@ -115,7 +115,8 @@ def run_demo(
     val_dataset = build_dataset(configs["eca"], "val", train=False)
     class_names = list(getattr(val_dataset, "class_names", []))
     for name, cfg in configs.items():
-        trainer = ECATrainer(cfg, out_dir / name, val_dataset=val_dataset, progress=progress)
+        # the demo's own output folder: a rerun into it replaces its previous runs
+        trainer = ECATrainer(cfg, out_dir / name, overwrite=True, val_dataset=val_dataset, progress=progress)
         trainer.train()
         entry: dict[str, Any] = {
             "seg": _evaluate(trainer, cfg, val_dataset, final=True),

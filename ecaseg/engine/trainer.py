@@ -139,6 +139,9 @@ class ECATrainer:
         config: the experiment :class:`~ecaseg.engine.config.Config`.
         work_dir: where checkpoints, logs, TensorBoard events and metrics go.
         resume: continue from ``work_dir/last.pth`` (``True``) or from the given checkpoint path.
+        overwrite: start from scratch although ``work_dir/last.pth`` exists (it is replaced at the first
+            checkpoint); without it (and without ``resume``) such a work dir is refused, so that no run is
+            replaced by accident.
         train_dataset: a dataset to use instead of the configured one (library use).
         val_dataset: likewise for validation (``None``: the configured one; it must have masks).
         net: a network to use instead of building one from ``config.model``.
@@ -157,6 +160,7 @@ class ECATrainer:
         work_dir: str | Path,
         *,
         resume: bool | str | Path = False,
+        overwrite: bool = False,
         train_dataset: Dataset[dict[str, Any]] | None = None,
         val_dataset: Dataset[dict[str, Any]] | None = None,
         net: ECANet | None = None,
@@ -165,6 +169,12 @@ class ECATrainer:
     ) -> None:
         self.cfg = config.validate()
         self.work_dir = Path(work_dir)
+        existing = self.work_dir / "last.pth"
+        if not resume and not overwrite and existing.is_file():
+            raise CheckpointError(
+                f"work dir {work_dir} already holds a checkpoint ({existing}); pass --resume to continue "
+                "it, --overwrite to train from scratch and replace it, or choose another --work-dir"
+            )
         self.progress = progress
         self.rank = get_rank()
         self.world_size = get_world_size()
