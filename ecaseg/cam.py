@@ -178,6 +178,7 @@ def multiscale_cam(
     out_size: tuple[int, int] | None = None,
     eps: float = 1e-5,
     rule: CAMRule = "sum",
+    raw_at_one: Tensor | None = None,
 ) -> Tensor:
     """Multi-scale (and horizontally flipped) CAM of a network, normalised to ``[0, 1]``.
 
@@ -208,6 +209,11 @@ def multiscale_cam(
         out_size: Output ``(h, w)``; ``None`` uses the CAM size at scale 1.0 (or at the first scale if
             1.0 is not among ``scales``).
         eps: Passed to :func:`minmax_normalize`.
+        raw_at_one: ``model.forward_cam(images)`` (``relu=False`` under ``rule="afa"``) when the caller
+            already has it, e.g. from the training forward: the scale-1.0 pass then runs the flipped images
+            only. It must be what the model computes for ``images`` in its current mode; with stochastic
+            layers (drop-path, dropout) or batch statistics active it is another sample of it (the
+            trainer's ``method.reuse_train_cam`` decides when to pass it). Needs 1.0 among ``scales``.
 
     Returns:
         Normalised CAM ``[B, C, h, w]`` (float32).
@@ -225,8 +231,17 @@ def multiscale_cam(
         raise ValueError("multiscale_cam needs at least one scale")
     if any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive, got {tuple(scales)}")
+    if raw_at_one is not None:
+        if 1.0 not in scales:
+            raise ValueError(f"raw_at_one is the scale-1.0 CAM but 1.0 is not among scales {tuple(scales)}")
+        if raw_at_one.dim() != 4 or raw_at_one.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"raw_at_one must be the [B, C, h, w] CAM of the {images.shape[0]} images, "
+                f"got {tuple(raw_at_one.shape)}"
+            )
+    forward = _Reusing(model, images, raw_at_one, flip)
     if rule == "afa":
-        return _multiscale_cam_afa(model, images, labels, scales, flip, out_size, eps)
+        return _multiscale_cam_afa(forward, images, labels, scales, flip, out_size, eps)
     if rule != "sum":
         raise ValueError(f"rule must be 'sum' or 'afa', got {rule!r}")
     batch = images.shape[0]
@@ -243,7 +258,7 @@ def multiscale_cam(
             )
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            raw = model.forward_cam(x).float()
+            raw = forward(x, scales[i] == 1.0).float()
             if raw.dim() != 4 or raw.shape[0] != x.shape[0]:
                 raise ValueError(f"model.forward_cam must return [B, C, h, w], got {tuple(raw.shape)}")
             if flip:
@@ -259,8 +274,24 @@ def multiscale_cam(
         return cams * _label_mask(labels, 4, cams.dtype)
 
 
+class _Reusing:
+    """``model.forward_cam`` for :func:`multiscale_cam`; ``raw_at_one`` serves the unflipped scale 1.0."""
+
+    def __init__(self, model: CAMModel, images: Tensor, raw_at_one: Tensor | None, flip: bool) -> None:
+        self.model, self.images, self.raw, self.flip = model, images, raw_at_one, flip
+
+    def __call__(self, x: Tensor, at_one: bool, **kwargs: Any) -> Tensor:
+        forward: Any = self.model.forward_cam
+        if self.raw is None or not at_one:
+            return forward(x, **kwargs)
+        if not self.flip:
+            return self.raw
+        flipped = forward(x[self.images.shape[0] :], **kwargs)
+        return torch.cat([self.raw.to(flipped.dtype), flipped], dim=0)
+
+
 def _multiscale_cam_afa(
-    model: CAMModel,
+    model: _Reusing,
     images: Tensor,
     labels: Tensor,
     scales: Sequence[float],
@@ -272,7 +303,6 @@ def _multiscale_cam_afa(
     batch = images.shape[0]
     height, width = images.shape[-2:]
     size = (height, width) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    forward: Any = model.forward_cam
     total: Tensor | None = None
     with torch.no_grad():
         for s in sorted(scales, key=lambda v: v != 1.0):
@@ -287,11 +317,11 @@ def _multiscale_cam_afa(
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
             try:
-                raw = forward(x, relu=False).float()
+                raw = model(x, s == 1.0, relu=False).float()
             except TypeError as err:
                 raise TypeError(
                     "multiscale_cam(rule='afa') needs forward_cam(x, relu=False) (the response before the "
-                    f"ReLU); {type(model).__name__}.forward_cam does not take relu ({err})"
+                    f"ReLU); {type(model.model).__name__}.forward_cam does not take relu ({err})"
                 ) from None
             raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
             if flip:

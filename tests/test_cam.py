@@ -271,3 +271,46 @@ def test_afa_rule_needs_the_response_before_relu() -> None:
 
     with pytest.raises(TypeError, match="forward_cam does not take relu"):
         multiscale_cam(OnlyRelu(), torch.randn(1, 3, 16, 16), torch.ones(1, 2), rule="afa")
+
+
+class _CountingNet(_FakeNet):
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.images_seen = 0
+
+    def forward_cam(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+        self.images_seen += x.shape[0]
+        return super().forward_cam(x, relu)
+
+
+@pytest.mark.parametrize("rule", ["sum", "afa"])
+@pytest.mark.parametrize("flip", [True, False])
+def test_reused_scale_one_cam_changes_nothing_and_saves_its_forward(rule: str, flip: bool) -> None:
+    gen = torch.Generator().manual_seed(12)
+    images = torch.randn(2, 3, 16, 20, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    net = _CountingNet()
+    plain = multiscale_cam(net, images, labels, scales=(1.0, 0.5), flip=flip, rule=rule)  # type: ignore[arg-type]
+    seen_plain = net.images_seen
+    net.images_seen = 0
+    raw = net.forward_cam(images, relu=rule != "afa")
+    net.images_seen = 0
+    reused = multiscale_cam(
+        net,
+        images,
+        labels,
+        scales=(1.0, 0.5),
+        flip=flip,
+        rule=rule,
+        raw_at_one=raw,  # type: ignore[arg-type]
+    )
+    torch.testing.assert_close(reused, plain, rtol=0, atol=0)
+    assert net.images_seen == seen_plain - 2  # the unflipped scale-1.0 batch was not run again
+
+
+def test_reused_scale_one_cam_is_checked() -> None:
+    images, labels = torch.randn(2, 3, 16, 16), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"1\.0 is not among scales"):
+        multiscale_cam(_FakeNet(), images, labels, scales=(0.5,), raw_at_one=torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="raw_at_one must be"):
+        multiscale_cam(_FakeNet(), images, labels, raw_at_one=torch.zeros(1, 3, 4, 4))

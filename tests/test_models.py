@@ -450,6 +450,27 @@ def test_segformer_head_against_reference():
     torch.testing.assert_close(got, ref)
 
 
+def test_segformer_head_folded_fuse_equals_concatenation_with_gradients():
+    """The folded fusion (the default) is the concatenating SegFormer head: outputs and every gradient."""
+    torch.manual_seed(0)
+    folded = SegFormerHead([4, 6, 8, 10], embed_dim=5, num_classes=3, dropout=0.0)
+    plain = SegFormerHead([4, 6, 8, 10], embed_dim=5, num_classes=3, dropout=0.0, fold_fuse=False)
+    plain.load_state_dict(folded.state_dict())
+    feats = [torch.randn(2, c, s, s + 1) for c, s in zip([4, 6, 8, 10], [8, 4, 2, 1])]
+    outs, grads = [], []
+    for head in (folded, plain):  # train mode: batch statistics in the BatchNorm
+        inputs = [f.clone().requires_grad_(True) for f in feats]
+        out = head(inputs)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([i.grad for i in inputs] + [p.grad for p in head.parameters()])
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_ecanet_outputs():
     torch.manual_seed(0)
     net = ECANet("mit_nano", num_classes=5).eval()

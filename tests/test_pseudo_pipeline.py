@@ -81,3 +81,32 @@ def test_afa_rules_and_random_walk_label() -> None:
     assert (label[0, :, 48:] == 255).all() and (label[1, 32:] == 255).all()
     assert {int(v) for v in label[1].unique()} <= {0, 2, 255}
     assert {int(v) for v in label[0].unique()} <= {0, 1, 3, 255}
+
+
+def test_fused_softmax_refinement_equals_refinement_per_source_and_threshold() -> None:
+    """AFA's softmax path, all sources and thresholds in one compact PAR call, labels equal to one
+    :func:`refine_pseudo_label` call per source and threshold (absent classes refined there too)."""
+    torch.manual_seed(2)
+    par = PAR(dilations=(1, 2), num_iter=3)
+    pipeline = PseudoLabelPipeline(
+        ECANet("mit_nano", num_classes=6), par, alpha=0.45, band=(0.3, 0.6), par_downsample=1,
+        par_input="softmax",
+    )  # fmt: skip
+    rgb = torch.rand(3, 3, 20, 22)
+    sources = [torch.rand(3, 5, 5, 6), torch.rand(3, 5, 5, 6)]
+    labels = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0], [1, 1, 0, 1, 0]])
+    crop_box = torch.tensor([[0, 36, 0, 40], [2, 40, 4, 44], [0, 40, 0, 44]])
+    out_hw = (40, 44)
+    common = {"crop_box": crop_box, "softmax": True, "out_size": out_hw}
+    for max_labels in (None, 3):
+        fused = pipeline._softmax_labels(rgb, sources, labels, crop_box, out_hw, True, max_labels)
+        for (hard, band), scores in zip(fused, sources):
+            ref_hard = refine_pseudo_label(par, rgb, scores, labels, alpha=0.45, **common)
+            ref_band = refine_pseudo_label(par, rgb, scores, labels, band=(0.3, 0.6), **common)
+            assert band is not None and hard.shape == (3, *out_hw)
+            assert torch.equal(hard, ref_hard) and torch.equal(band, ref_band), max_labels
+            assert (band == 255).any() and (hard[0, 36:] == 255).all()
+    (only_hard,) = pipeline._softmax_labels(rgb, sources[:1], labels, None, out_hw, False, 3)
+    assert only_hard[1] is None
+    assert torch.equal(only_hard[0], refine_pseudo_label(par, rgb, sources[0], labels, alpha=0.45,
+                                                         softmax=True, out_size=out_hw))  # fmt: skip

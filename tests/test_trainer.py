@@ -148,3 +148,43 @@ def test_afa_baseline_switches_to_random_walk_labels(tmp_path: Path, monkeypatch
     label = calls[0]
     num_fg = trainer.net.num_classes - 1
     assert label.dtype == torch.long and set(label.unique().tolist()) <= set(range(num_fg + 1)) | {255}
+
+
+def test_training_forward_cam_is_reused_only_when_exact(tmp_path: Path) -> None:
+    """method.reuse_train_cam: auto reuses the training forward's CAM only for a reproducible backbone, and
+    the reused step's losses equal those of the step that recomputes it."""
+    from ecaseg.models import stochastic_layers
+
+    base = [*TINY, "train.cls_warmup_iters=0", "method.cam_scales=[1.0,0.5]"]
+    cfg = load_config("synthetic_tiny", base)
+    trainer = ECATrainer(cfg, tmp_path / "default", progress=False)
+    assert stochastic_layers(trainer.net.backbone)  # MiT's drop-path (0.1, as AFA's)
+    assert not trainer.reuse_train_cam
+    always = ECATrainer(
+        load_config("synthetic_tiny", [*base, "method.reuse_train_cam=always"]),
+        tmp_path / "a",
+        progress=False,
+    )
+    assert always.reuse_train_cam
+
+    losses = []
+    for rule in ("afa", "sum"):
+        for reuse in ("auto", "never"):
+            torch.manual_seed(0)
+            cfg = load_config(
+                "synthetic_tiny", [*base, f"method.reuse_train_cam={reuse}", f"method.cam_rule={rule}"]
+            )
+            trainer = ECATrainer(cfg, tmp_path / f"{rule}-{reuse}", progress=False)
+            for name, module in list(trainer.net.backbone.named_modules()):
+                if type(module).__name__ == "DropPath":  # a reproducible backbone: no drop-path
+                    parent = trainer.net.backbone.get_submodule(name.rsplit(".", 1)[0])
+                    setattr(parent, name.rsplit(".", 1)[1], torch.nn.Identity())
+            trainer.reuse_train_cam = reuse == "auto" and not stochastic_layers(trainer.net.backbone)
+            assert trainer.reuse_train_cam == (reuse == "auto")
+            batch = _batch(trainer)
+            torch.manual_seed(1)
+            losses.append(trainer.train_step(batch).losses)
+    for reused, plain in (losses[:2], losses[2:]):
+        assert reused.keys() == plain.keys()
+        for key in reused:
+            torch.testing.assert_close(reused[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -139,6 +139,11 @@ class MethodConfig:
     par_w2: float = 0.01
     par_downsample: int = 2
     compact_par: bool = True
+    #: reuse the training forward's CAM as the unflipped scale-1.0 pass of the multi-scale CAM: ``"auto"``
+    #: when that is the same computation (no active dropout, drop-path or batch statistics in the
+    #: backbone), ``"always"`` (with drop-path it is then another stochastic sample of the same map; see
+    #: docs/choices.rst) or ``"never"``
+    reuse_train_cam: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass

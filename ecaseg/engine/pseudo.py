@@ -7,7 +7,7 @@ command, so the three always produce the same labels from the same network state
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -162,25 +162,67 @@ class PseudoLabelPipeline:
     def _softmax_labels(
         self,
         rgb: Tensor,
-        scores: Tensor,
+        sources: list[Tensor],
         labels: Tensor,
         crop_box: Tensor | None,
         out_hw: tuple[int, int],
         with_band: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """AFA's path (``refine_cams_with_bkg_v2``): softmax over ``[threshold, labelled scores]`` at the PAR
-        size, PAR, refined maps brought bilinearly to the image size, argmax; once per threshold."""
-        common: dict[str, Any] = {
-            "crop_box": crop_box,
-            "validate": False,
-            "softmax": True,
-            "out_size": out_hw,
-        }
-        hard = refine_pseudo_label(self.par, rgb, scores, labels, alpha=self.alpha, **common)
-        band = None
-        if with_band:
-            band = refine_pseudo_label(self.par, rgb, scores, labels, band=self.band, **common)
-        return hard, band
+        max_labels: int | None = None,
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """AFA's path (``refine_cams_with_bkg_v2``) for every source: softmax over ``[threshold, labelled
+        scores]`` at the PAR size, PAR, refined maps brought bilinearly to the image size, argmax; once per
+        threshold (the hard ``alpha`` and, with ``with_band``, both band thresholds).
+
+        The labels equal those of :func:`~ecaseg.pseudo_label.refine_pseudo_label` with ``softmax=True``
+        called per source and threshold (``tests/test_pseudo_pipeline.py`` checks it), computed in one PAR
+        call: PAR is channel-independent, so all the maps share the image kernel, and absent classes have
+        probability 0 and stay 0, so only the background and the labelled channels are refined (gathered,
+        labelled classes first in class order, into ``max_labels`` slots when the host knows it).
+
+        Returns:
+            One ``(hard label, band label or None)`` pair per source, ``[B, H, W]`` each.
+        """
+        size = (rgb.shape[-2], rgb.shape[-1])
+        num_fg = labels.shape[1]
+        slots = num_fg if max_labels is None else max(1, min(int(max_labels), num_fg))
+        thresholds = [self.alpha, *((self.band[1], self.band[0]) if with_band else ())]
+        with torch.autocast(device_type=rgb.device.type, enabled=False):
+            order = labels.float().argsort(dim=1, descending=True, stable=True)[:, :slots]  # labelled first
+            present = torch.cat(
+                [torch.ones_like(order[:, :1], dtype=torch.bool), labels.gather(1, order) > 0], 1
+            )
+            index = order[:, :, None, None].expand(-1, -1, *size)
+            maps = []
+            for scores in sources:
+                fg = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+                fg = fg.gather(1, index)
+                for threshold in thresholds:
+                    logits = torch.cat([torch.full_like(fg[:, :1], threshold), fg], dim=1)
+                    maps.append(logits.masked_fill(~present[:, :, None, None], float("-inf")).softmax(1))
+            refined = torch.cat(maps, dim=1)
+            if self.par is not None:
+                refined = self.par(rgb, refined)
+            if (refined.shape[-2], refined.shape[-1]) != out_hw:
+                refined = F.interpolate(refined, size=out_hw, mode="bilinear", align_corners=False)
+            to_class = torch.cat([torch.zeros_like(order[:, :1]), order + 1], dim=1)  # slot -> class id
+            per_map = []
+            for part in refined.split(slots + 1, dim=1):
+                slot = part.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1)
+                per_map.append(to_class.gather(1, slot.flatten(1)).view_as(slot))
+        inside = None if crop_box is None else crop_box_mask(crop_box.to(labels.device), out_hw)
+        out: list[tuple[Tensor, Tensor | None]] = []
+        for i in range(len(sources)):
+            found = per_map[i * len(thresholds) : (i + 1) * len(thresholds)]
+            hard, band = found[0], None
+            if with_band:
+                high, low = found[1], found[2]
+                band = torch.where(low == 0, torch.zeros_like(high), torch.full_like(high, 255))
+                band = torch.where(high > 0, high, band)
+            if inside is not None:
+                hard = torch.where(inside, hard, torch.full_like(hard, 255))
+                band = None if band is None else torch.where(inside, band, torch.full_like(band, 255))
+            out.append((hard, band))
+        return out
 
     @torch.no_grad()
     def random_walk_label(
@@ -259,6 +301,7 @@ class PseudoLabelPipeline:
         with_carm: bool = True,
         update_prototypes: bool = False,
         max_labels: int | None = None,
+        raw_at_one: Tensor | None = None,
     ) -> PseudoLabels:
         """Pseudo-label a batch.
 
@@ -273,10 +316,18 @@ class PseudoLabelPipeline:
             max_labels: the largest number of labels of one image in the batch, if known on the host
                 (from the CPU batch): PAR then refines only that many channels per image (exact).
                 ``None`` refines all C channels (no host sync either way).
+            raw_at_one: the network's CAM of ``images`` at scale 1.0, already computed (see
+                :func:`ecaseg.cam.multiscale_cam`); ``None`` computes it.
         """
         height, width = images.shape[-2:]
         cams = multiscale_cam(
-            self.net, images, labels, scales=self.cam_scales, flip=self.cam_flip, rule=self.cam_rule
+            self.net,
+            images,
+            labels,
+            scales=self.cam_scales,
+            flip=self.cam_flip,
+            rule=self.cam_rule,
+            raw_at_one=raw_at_one,
         )
         cams_par = cams  # what PAR refines: AFA's rule keeps the image-size CAM for it
         if features is None and with_carm and self.carm_generator is not None:
@@ -324,7 +375,7 @@ class PseudoLabelPipeline:
             else:
                 sources.append(result.carm[:, 1:])
         if self.par_input == "softmax":
-            labelled = [self._softmax_labels(rgb, s, labels, crop_box, out_hw, with_band) for s in sources]
+            labelled = self._softmax_labels(rgb, sources, labels, crop_box, out_hw, with_band, max_labels)
             cam_label, cam_label_band = labelled[0]
             if len(labelled) > 1:
                 carm_label, carm_label_band = labelled[1]

@@ -59,7 +59,7 @@ from ecaseg.engine.pseudo import PseudoLabels
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
 from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
-from ecaseg.models import ECANet
+from ecaseg.models import ECANet, stochastic_layers
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
 from ecaseg.utils.io import atomic_save_torch, atomic_write_text
@@ -218,6 +218,12 @@ class ECATrainer:
         self.par = build_par(config).to(self.device)
         self.labeler = build_pseudo_labeler(config, self.net, self.par, self.dino, self.carm_generator)
         self.view_sampler = LocalViewSampler(num_views=m.local_views, size=m.local_size)
+        # the training forward's CAM is the multi-scale CAM's unflipped scale-1.0 pass when the backbone's
+        # training-mode forward is reproducible (method.reuse_train_cam)
+        self.reuse_train_cam = 1.0 in m.cam_scales and (
+            m.reuse_train_cam == "always"
+            or (m.reuse_train_cam == "auto" and not stochastic_layers(self.net.backbone))
+        )
 
         self.forward_module: nn.Module = _TrainForward(self.net)
         if is_distributed():
@@ -438,6 +444,7 @@ class ECATrainer:
                         with_carm=self.use_dino,
                         update_prototypes=True,
                         max_labels=max_labels,
+                        raw_at_one=self._train_cam(out) if self.reuse_train_cam else None,
                     )
                 if need_seg:
                     seg = torch.zeros((), device=device)
@@ -483,6 +490,13 @@ class ECATrainer:
         self.scheduler.step()
         self.iteration += 1
         return StepOutput({k: v.detach() for k, v in losses.items()}, pseudo)
+
+    def _train_cam(self, out: Any) -> Tensor:
+        """The training forward's scale-1.0 CAM as ``forward_cam`` gives it (before the ReLU: AFA's rule)."""
+        if self.cfg.method.cam_rule != "afa":
+            return out.cams.detach()
+        weight = self.net.classifier.weight.detach()
+        return torch.nn.functional.conv2d(out.features.detach(), weight.to(out.features.dtype))
 
     def _cam_seg_target(
         self, pseudo: PseudoLabels, images: Tensor, labels: Tensor, crop_box: Tensor | None

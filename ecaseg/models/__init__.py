@@ -7,7 +7,14 @@ from ecaseg.models.checkpoints import (
     nvlabs_to_hf,
     read_checkpoint,
 )
-from ecaseg.models.ecanet import ECANet, ECAOutput, attention_to_affinity, gmp_logits, raw_cam
+from ecaseg.models.ecanet import (
+    ECANet,
+    ECAOutput,
+    attention_to_affinity,
+    gmp_logits,
+    raw_cam,
+    stochastic_layers,
+)
 from ecaseg.models.mit import (
     MIT_CONFIGS,
     MixVisionTransformer,
@@ -49,4 +56,5 @@ __all__ = [
     "nvlabs_to_hf",
     "raw_cam",
     "read_checkpoint",
+    "stochastic_layers",
 ]

@@ -29,7 +29,34 @@ from ecaseg.models.mit import WSSS_STRIDES, MixVisionTransformer, create_backbon
 from ecaseg.models.segformer_head import SegFormerHead
 from ecaseg.models.timm_backbone import TIMM_PREFIX, TimmBackbone, is_timm_backbone
 
-__all__ = ["ECANet", "ECAOutput", "attention_to_affinity", "gmp_logits", "raw_cam"]
+__all__ = ["ECANet", "ECAOutput", "attention_to_affinity", "gmp_logits", "raw_cam", "stochastic_layers"]
+
+
+def stochastic_layers(module: nn.Module) -> list[str]:
+    """Names of the submodules that make ``module``'s training-mode forward differ from call to call or
+    depend on the batch: dropout or drop-path with a positive rate, batch normalisation in training mode.
+
+    An empty list means that two training-mode forwards of the same images give the same output (to float
+    rounding), whatever else is in the batch; the trainer then reuses its forward's CAM in the multi-scale
+    CAM (``method.reuse_train_cam: auto``).
+
+    Example:
+        >>> stochastic_layers(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+        ['1']
+        >>> stochastic_layers(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
+        []
+    """
+    names = []
+    for name, m in module.named_modules():
+        rate = getattr(m, "drop_prob", None)  # timm's DropPath
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            rate = m.p
+        elif isinstance(getattr(m, "attn_drop", None), float):  # MiT's attention-probability dropout
+            rate = m.attn_drop
+        batch_stats = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        if batch_stats or (isinstance(rate, float) and rate > 0):
+            names.append(name)
+    return names
 
 
 @dataclass
