@@ -140,3 +140,37 @@ def test_mean_merge_is_the_0_1_rule_and_differs_from_max() -> None:
     torch.testing.assert_close(mean, manual / 6)
     maxed = predict_probs(net, images, scales=(1.0, 0.5, 0.75), flip=True, merge="max", resize_long=0)
     assert not torch.allclose(mean, maxed)
+
+
+def test_batched_prediction_equals_image_by_image() -> None:
+    """predict_batched groups same-size images (and flushes early when too many wait): the labels are those
+    of predict_labels image by image, CRF included, whatever the batch size."""
+    from ecaseg.crf import dense_crf
+    from ecaseg.engine.inference import _rgb_uint8, predict_batched, predict_labels
+
+    torch.manual_seed(0)
+    net = ECANet("mit_nano", num_classes=3).eval()
+    sizes = [(32, 40), (40, 32), (32, 40), (36, 36), (32, 40), (40, 32), (32, 40)]
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    protocol = {"scales": (1.0, 0.5), "flip": True, "merge": "max", "resize_long": 48}
+    reference = {i: predict_labels(net, x[None], **protocol)[0] for i, x in enumerate(images)}  # type: ignore[arg-type]
+    for batch_size, max_buffered in ((1, None), (3, None), (4, 4), (8, None)):
+        got = dict(
+            predict_batched(
+                net, enumerate(images), device=torch.device("cpu"), batch_size=batch_size,
+                max_buffered=max_buffered, **protocol,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+        assert sorted(got) == list(range(len(images)))
+        for i, label in got.items():
+            assert label.shape == sizes[i]
+            assert (label == reference[i]).float().mean() > 0.999, (batch_size, i)
+    params = CRFParams(iterations=2)
+    crf = dict(
+        predict_batched(net, enumerate(images[:3]), device=torch.device("cpu"), batch_size=2, crf=params,
+                        crf_workers=2, **protocol)  # type: ignore[arg-type]
+    )  # fmt: skip
+    for i in range(3):
+        probs = predict_probs(net, images[i][None], **protocol)[0].numpy()  # type: ignore[arg-type]
+        expected = dense_crf(_rgb_uint8(images[i][None])[0], probs, params)
+        assert (crf[i].numpy() == expected).mean() > 0.999

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
-from ecaseg.crf import CRFParams, dense_crf
-from ecaseg.engine.inference import MergeRule, autocast_context, predict_labels, predict_probs
+from ecaseg.crf import CRFParams
+from ecaseg.engine.inference import MergeRule, autocast_context, predict_batched
 from ecaseg.engine.pseudo import PseudoLabelPipeline
-from ecaseg.engine.visualize import to_rgb_uint8
 from ecaseg.errors import DatasetError
 from ecaseg.metrics import MultiLabelMetric, SegmentationMetric
 from ecaseg.models import ECANet
@@ -59,25 +57,25 @@ def evaluate_segmentation(
     progress: bool = True,
     merge: MergeRule = "mean",
     resize_long: int = 0,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """mIoU of the segmentation decoder on a dataset with masks (the evaluation transform applied).
 
     ``scales``, ``flip``, ``merge``, ``resize_long`` and ``crf`` are the inference protocol (see
     :func:`ecaseg.engine.inference.predict_probs`; the paper configs' ``eval`` section holds AFA's).
+    Images of the same size run ``batch_size`` at a time and the CRF pool works while the network runs
+    (:func:`ecaseg.engine.inference.predict_batched`); the figures do not depend on ``batch_size``.
 
     Returns:
         :meth:`~ecaseg.metrics.SegmentationMetric.compute`'s dict (``miou``, ``per_class_iou``,
         ``pixel_accuracy``, ``mean_accuracy``, ...), reduced over processes.
     """
-    num_classes = net.num_classes
-    metric = SegmentationMetric(num_classes)
+    metric = SegmentationMetric(net.num_classes)
     was_training = net.training
     net.eval()
     loader = eval_loader(dataset, max_images, num_workers)
-    # dense CRF runs on CPU processes while the GPU predicts the next images
-    pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
-    pending: deque[tuple[Future[np.ndarray], torch.Tensor]] = deque()
-    try:
+
+    def items() -> Iterator[tuple[Tensor, Tensor]]:
         for sample in tqdm(
             loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False
         ):
@@ -86,38 +84,25 @@ def evaluate_segmentation(
                     "evaluation needs ground-truth masks and this split has none (a folder dataset needs "
                     "data.masks_dir); ecaseg predict segments images without masks"
                 )
-            images = sample["image"][None].to(device)
-            target = sample["mask"][None].to(device)
-            if crf is None:
-                metric.update(
-                    predict_labels(
-                        net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
-                    ),
-                    target,
-                )
-                continue
-            probs = (
-                predict_probs(
-                    net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
-                )[0]
-                .cpu()
-                .numpy()
-            )
-            rgb = to_rgb_uint8(images)[0]
-            if pool is None:
-                metric.update(torch.from_numpy(dense_crf(rgb, probs, crf))[None].to(device), target)
-                continue
-            pending.append((pool.submit(dense_crf, rgb, probs, crf), target))
-            while len(pending) > 2 * crf_workers:
-                future, done_target = pending.popleft()
-                metric.update(torch.from_numpy(future.result())[None].to(device), done_target)
-        while pending:
-            future, done_target = pending.popleft()
-            metric.update(torch.from_numpy(future.result())[None].to(device), done_target)
+            yield sample["mask"], sample["image"]
+
+    try:
+        for target, label in predict_batched(
+            net,
+            items(),
+            device=device,
+            batch_size=batch_size,
+            scales=scales,
+            flip=flip,
+            merge=merge,
+            resize_long=resize_long,
+            amp=amp,
+            crf=crf,
+            crf_workers=crf_workers,
+        ):
+            metric.update(label[None].to(device), target[None].to(device))
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    net.train(was_training)
+        net.train(was_training)
     return metric.compute()
 
 

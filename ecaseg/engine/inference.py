@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -13,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.crf import CRFParams, crf_batch
-from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, voc_palette, write_mask
+from ecaseg.crf import CRFParams, crf_batch, dense_crf
+from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, denormalize, voc_palette, write_mask
 from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
 
@@ -23,6 +25,7 @@ __all__ = [
     "autocast_context",
     "colorize",
     "overlay",
+    "predict_batched",
     "predict_labels",
     "predict_logits_max",
     "predict_probs",
@@ -233,6 +236,106 @@ def predict_labels(
     if rgb is None:
         raise ValueError("dense CRF needs the uint8 RGB images (rgb=...)")
     return crf_batch(rgb, probs.cpu(), params=crf, num_workers=crf_workers).to(images.device)
+
+
+Key = TypeVar("Key")
+
+
+def _rgb_uint8(images: Tensor) -> np.ndarray:
+    rgb = denormalize(images.detach().float()).clamp(0, 1).mul(255).round().byte()
+    return rgb.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def predict_batched(
+    net: ECANet,
+    items: Iterable[tuple[Key, Tensor]],
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    merge: MergeRule = "mean",
+    resize_long: int = 0,
+    amp: str = "none",
+    crf: CRFParams | None = None,
+    crf_workers: int = 0,
+    max_buffered: int | None = None,
+) -> Iterator[tuple[Key, Tensor]]:
+    """Label maps of a stream of images, batched: what ``ecaseg evaluate`` and ``ecaseg predict`` run.
+
+    Images of the same size are grouped into batches of up to ``batch_size`` and each batch goes through
+    :func:`predict_probs` (one forward per scale, the flips in the same batch); the labels are the
+    per-image results of :func:`predict_labels`, the same protocol image by image. With ``crf``, a pool of
+    ``crf_workers`` processes runs the dense CRF of finished batches while the network runs the next ones
+    (``crf_workers <= 1``: in this process).
+
+    At most ``max_buffered`` images (default ``4 * batch_size``) wait for their size group to fill; beyond
+    that the largest group runs as it is, so a stream of all-different sizes costs memory of a few batches.
+
+    Args:
+        net: the segmentation network (in eval mode).
+        items: ``(key, image)`` pairs, ``image`` a normalised ``[3, H, W]`` tensor (any device); the key
+            comes back with the image's label (a file name, the ground truth...).
+        device: where the network runs.
+        batch_size: images per forward (of one size).
+        scales, flip, merge, resize_long, amp: the protocol of :func:`predict_probs`.
+        crf: dense-CRF parameters, or ``None`` for the argmax.
+        crf_workers: CRF worker processes.
+        max_buffered: images held back while waiting for a size group to fill.
+
+    Yields:
+        ``(key, label)`` with ``label`` a ``[H, W]`` long tensor (on ``device`` without CRF, on the CPU with
+        it), in the order the batches finish (not the input order).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = 4 * batch_size if max_buffered is None else max(batch_size, max_buffered)
+    groups: dict[tuple[int, int], list[tuple[Key, Tensor]]] = {}
+    pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
+    pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
+
+    def run(group: list[tuple[Key, Tensor]]) -> Iterator[tuple[Key, Tensor]]:
+        images = torch.stack([image for _, image in group]).to(device, non_blocking=True)
+        probs = predict_probs(
+            net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
+        )
+        if crf is None:
+            yield from zip((key for key, _ in group), probs.argmax(dim=1))
+            return
+        rgb, host = _rgb_uint8(images), probs.cpu().numpy()
+        for i, (key, _) in enumerate(group):
+            if pool is None:
+                yield key, torch.from_numpy(dense_crf(rgb[i], host[i], crf))
+            else:
+                pending.append((key, pool.submit(dense_crf, rgb[i], host[i], crf)))
+        while len(pending) > 2 * crf_workers or (pending and pending[0][1].done()):
+            key, future = pending.popleft()
+            yield key, torch.from_numpy(future.result())
+
+    try:
+        buffered = 0
+        for key, image in items:
+            if image.dim() != 3:
+                raise ValueError(f"images must be [3, H, W], got {tuple(image.shape)} for {key!r}")
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            groups.setdefault(size, []).append((key, image))
+            buffered += 1
+            if len(groups[size]) >= batch_size:
+                buffered -= len(groups[size])
+                yield from run(groups.pop(size))
+            elif buffered > limit:
+                largest = max(groups, key=lambda k: len(groups[k]))
+                buffered -= len(groups[largest])
+                yield from run(groups.pop(largest))
+        for size in list(groups):
+            yield from run(groups.pop(size))
+        while pending:
+            key, future = pending.popleft()
+            yield key, torch.from_numpy(future.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def colorize(label: np.ndarray) -> np.ndarray:
