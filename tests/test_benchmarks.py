@@ -79,3 +79,19 @@ def test_afa_rules_compares_merge_cam_rule_and_par_input(tmp_path: Path) -> None
     assert set(figures["merge"]) == {"max", "max_crf", "mean", "mean_crf", "pixels_changed"}
     assert set(figures["cam_rule_x_par_input"]) == {"sum/scores", "sum/softmax", "afa/scores", "afa/softmax"}
     assert all(0.0 <= v["cam_pseudo_miou"] <= 1.0 for v in figures["cam_rule_x_par_input"].values())
+
+
+def test_compare_runs_two_trees_interleaved(tmp_path: Path) -> None:
+    """benchmarks/compare.py against this tree's own HEAD: both workers import their own tree, and the
+    CARM outputs of identical code agree exactly."""
+    root = BENCH.parent
+    if not (root / ".git").exists():
+        pytest.skip("needs a git checkout (it makes a worktree of the older commit)")
+    out = _run("compare.py", "--base", "HEAD", "--parts", "carm", "--rounds", "1", "--repeats", "1",
+               "--results-dir", str(tmp_path))  # fmt: skip
+    (path,) = tmp_path.glob("compare-*.json")
+    payload = json.loads(path.read_text())
+    figures = payload["figures"]
+    assert figures["carm_n1024"]["max_abs_diff"] == 0.0 and figures["carm_n4096"]["base_ms"] > 0
+    assert len(payload["settings"]["samples"]["base"]["carm_n1024"]) == 1
+    assert "round 1/1 done" in out
