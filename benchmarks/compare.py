@@ -178,7 +178,7 @@ class _Worker:
             def run() -> Any:
                 return list(
                     inference.predict_batched(
-                        net, enumerate(images), device=torch.device("cpu"), batch_size=8, **protocol
+                        net, enumerate(images), device=torch.device("cpu"), batch_size=0, **protocol
                     )
                 )
         else:

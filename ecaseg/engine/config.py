@@ -208,8 +208,8 @@ class EvalConfig:
         flip: add horizontally flipped inputs.
         crf: dense CRF on the merged probabilities (AFA's parameters, :class:`ecaseg.crf.CRFParams`).
         crf_workers: CRF worker processes (0: in-process).
-        batch_size: images of one size per forward (:func:`ecaseg.engine.inference.predict_batched`); the
-            figures do not depend on it.
+        batch_size: images of one size per forward (:func:`ecaseg.engine.inference.predict_batched`; 0: 8
+            on a GPU, 1 on the CPU); the figures do not depend on it.
         cam_alpha: background threshold of the CAM figures of validation.
     """
 
@@ -219,7 +219,7 @@ class EvalConfig:
     flip: bool = True
     crf: bool = True
     crf_workers: int = 0
-    batch_size: int = 8
+    batch_size: int = 0
     cam_alpha: float = 0.5
 
 
@@ -257,7 +257,7 @@ class Config:
                 f"eval.resize_long must be >= 0 (0: native size), got {self.eval.resize_long}",
             ),
             (self.eval.crf_workers >= 0, f"eval.crf_workers must be >= 0, got {self.eval.crf_workers}"),
-            (self.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
+            (self.eval.batch_size >= 0, f"eval.batch_size must be >= 0, got {self.eval.batch_size}"),
             (self.train.max_iters >= 1, f"train.max_iters must be >= 1, got {self.train.max_iters}"),
             (
                 self.data.crop_size % 16 == 0,

@@ -57,7 +57,7 @@ def evaluate_segmentation(
     progress: bool = True,
     merge: MergeRule = "mean",
     resize_long: int = 0,
-    batch_size: int = 8,
+    batch_size: int = 0,
 ) -> dict[str, Any]:
     """mIoU of the segmentation decoder on a dataset with masks (the evaluation transform applied).
 

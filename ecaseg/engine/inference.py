@@ -252,7 +252,7 @@ def predict_batched(
     items: Iterable[tuple[Key, Tensor]],
     *,
     device: torch.device,
-    batch_size: int = 8,
+    batch_size: int = 0,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     merge: MergeRule = "mean",
@@ -264,7 +264,9 @@ def predict_batched(
 ) -> Iterator[tuple[Key, Tensor]]:
     """Label maps of a stream of images, batched: what ``ecaseg evaluate`` and ``ecaseg predict`` run.
 
-    Images of the same size are grouped into batches of up to ``batch_size`` and each batch goes through
+    Images of the same size are grouped into batches of up to ``batch_size`` (``0``: 8 on a GPU, 1 on the
+    CPU, where larger batches were slower: 8 images of 256 x 256 with five scales and flip, MiT-B1, two
+    threads, took 6.4 s one at a time and 9.8 s in one batch) and each batch goes through
     :func:`predict_probs` (one forward per scale, the flips in the same batch); the labels are the
     per-image results of :func:`predict_labels`, the same protocol image by image. With ``crf``, a pool of
     ``crf_workers`` processes runs the dense CRF of finished batches while the network runs the next ones
@@ -278,7 +280,7 @@ def predict_batched(
         items: ``(key, image)`` pairs, ``image`` a normalised ``[3, H, W]`` tensor (any device); the key
             comes back with the image's label (a file name, the ground truth...).
         device: where the network runs.
-        batch_size: images per forward (of one size).
+        batch_size: images per forward (of one size); ``0`` chooses by device (see above).
         scales, flip, merge, resize_long, amp: the protocol of :func:`predict_probs`.
         crf: dense-CRF parameters, or ``None`` for the argmax.
         crf_workers: CRF worker processes.
@@ -288,8 +290,10 @@ def predict_batched(
         ``(key, label)`` with ``label`` a ``[H, W]`` long tensor (on ``device`` without CRF, on the CPU with
         it), in the order the batches finish (not the input order).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0 (0: by device), got {batch_size}")
+    if batch_size == 0:
+        batch_size = 8 if device.type == "cuda" else 1
     limit = 4 * batch_size if max_buffered is None else max(batch_size, max_buffered)
     groups: dict[tuple[int, int], list[tuple[Key, Tensor]]] = {}
     pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
