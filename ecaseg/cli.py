@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ecaseg.crf import CRFParams
 from ecaseg.data import read_image
+from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
 from ecaseg.engine.builders import (
     build_carm_generator,
     build_dataset,
@@ -37,6 +41,7 @@ from ecaseg.engine.config import (
     config_to_dict,
     load_config,
 )
+from ecaseg.engine.dino_pretrain import DINOPretrainConfig, pretrain_dino
 from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
 from ecaseg.engine.inference import overlay, predict_labels, to_network_input, write_png
 from ecaseg.engine.pseudo import PseudoLabelPipeline
@@ -48,7 +53,13 @@ from ecaseg.models import ECANet
 from ecaseg.utils.dist import init_distributed, is_main_process
 from ecaseg.utils.io import atomic_write_text
 
-__all__ = ["build_parser", "main"]
+__all__ = [
+    "build_parser",
+    "build_pretrain_dino_parser",
+    "main",
+    "pretrain_dino_main",
+    "run_pretrain_dino",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -378,11 +389,133 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain_dino(args: argparse.Namespace) -> int:
-    from ecaseg.engine.dino_pretrain import main as pretrain_main
+# --- pretrain-dino: the command line of ecaseg.engine.dino_pretrain (also its ``python -m``) ---------------
 
-    result = pretrain_main(list(args.args))
-    return result if isinstance(result, int) else 0
+
+def _parse_pretrain_field(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    if isinstance(default, tuple):
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        if len(parts) != len(default):
+            raise argparse.ArgumentTypeError(f"expected {len(default)} comma-separated numbers, got {text!r}")
+        return tuple(float(p) for p in parts)
+    return type(default)(text)
+
+
+def build_pretrain_dino_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The command line of :func:`pretrain_dino_main` (every ``DINOPretrainConfig`` field is an option).
+
+    Args:
+        parser: Parser (or sub-parser) to fill; a new one when None.
+
+    Returns:
+        The parser.
+    """
+    if parser is None:
+        parser = argparse.ArgumentParser(
+            prog="python -m ecaseg.engine.dino_pretrain",
+            description="DINO self-distillation of an affinity ViT on unlabelled images (no labels/masks).",
+        )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="folder of images (searched recursively)")
+    src.add_argument(
+        "--synthetic", action="store_true", help="the train split of the embedded synthetic benchmark"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output file (teacher backbone state dict)")
+    parser.add_argument("--synthetic-seed", type=int, default=0, help="SyntheticConfig.seed")
+    parser.add_argument("--synthetic-num-train", type=int, default=1000, help="SyntheticConfig.num_train")
+    parser.add_argument("--synthetic-image-size", type=int, default=128, help="SyntheticConfig.image_size")
+    parser.add_argument(
+        "--synthetic-objects", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="SyntheticConfig.min_objects and max_objects (default: the generator's, 1 3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--synthetic-object-scale", type=float, default=None, help="SyntheticConfig.object_scale (1.8)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    for f in dataclasses.fields(DINOPretrainConfig):
+        default = getattr(DINOPretrainConfig, f.name)
+
+        def convert(text: str, _default: Any = default) -> Any:
+            return _parse_pretrain_field(text, _default)
+
+        convert.__name__ = type(default).__name__
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=convert, default=None,
+                            metavar=type(default).__name__.upper(), help=f"(default: {shown})")  # fmt: skip
+    return parser
+
+
+def _pretrain_config_from_args(args: argparse.Namespace) -> DINOPretrainConfig:
+    values = {
+        f.name: getattr(args, f"cfg_{f.name}")
+        for f in dataclasses.fields(DINOPretrainConfig)
+        if getattr(args, f"cfg_{f.name}", None) is not None
+    }
+    return DINOPretrainConfig(**values)
+
+
+def run_pretrain_dino(args: argparse.Namespace) -> Path:
+    """Run ``pretrain_dino`` for arguments parsed by :func:`build_pretrain_dino_parser`; returns ``--out``."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = _pretrain_config_from_args(args)
+    images: str | Path | Dataset | Sequence[dict[str, Any]]
+    if args.synthetic:
+        extra: dict[str, Any] = {}
+        if args.synthetic_objects is not None:
+            extra["min_objects"], extra["max_objects"] = args.synthetic_objects
+        if args.synthetic_object_scale is not None:
+            extra["object_scale"] = args.synthetic_object_scale
+        syn = SyntheticConfig(
+            seed=args.synthetic_seed,
+            image_size=args.synthetic_image_size,
+            num_train=args.synthetic_num_train,
+            **extra,
+        )
+        images = SyntheticWSSSDataset("train", syn)
+    else:
+        images = args.images
+    return pretrain_dino(images, args.out, cfg, progress=not args.no_progress)
+
+
+def pretrain_dino_main(argv: Sequence[str] | None = None) -> int:
+    """Command line ``ecaseg pretrain-dino`` = ``python -m ecaseg.engine.dino_pretrain``: DINO pretraining.
+
+    Usage: ``(--images DIR | --synthetic) --out FILE [--<DINOPretrainConfig field> VALUE ...]``.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0, or 2 after a one-line error message for bad user input.
+    """
+    return _pretrain_dino_command(build_pretrain_dino_parser().parse_args(argv))
+
+
+def _pretrain_dino_command(args: argparse.Namespace) -> int:
+    """Run parsed ``pretrain-dino`` arguments: log lines with ``--no-progress``, one error line, a summary."""
+    if args.no_progress:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        out = run_pretrain_dino(args)
+    except EcasegError as err:
+        print(f"dino-pretrain: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cmd_pretrain_dino(args: argparse.Namespace) -> int:
+    return _pretrain_dino_command(args)
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
@@ -499,9 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain-dino",
         help="DINO self-distillation of an affinity ViT on unlabelled images (see pretrain-dino --help)",
-        add_help=False,
+        description="DINO self-distillation of an affinity ViT on unlabelled images (no labels/masks).",
     )
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    build_pretrain_dino_parser(p)  # the options of python -m ecaseg.engine.dino_pretrain
     p.set_defaults(func=cmd_pretrain_dino)
 
     p = sub.add_parser("configs", help="list packaged configs, or print one")

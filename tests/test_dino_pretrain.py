@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,16 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(argv) == 0
     assert "wrote" in capsys.readouterr().out
     DINOAffinity("vit_nano_p8", weights=out)
+    # ``ecaseg pretrain-dino`` takes the same options (they used to need a ``--`` in front)
+    from ecaseg.cli import main as ecaseg_main
+
+    first = torch.load(out, weights_only=True)
+    assert ecaseg_main(["pretrain-dino", *argv]) == 0
+    assert "wrote" in capsys.readouterr().out
+    again = torch.load(out, weights_only=True)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert ecaseg_main(["pretrain-dino", "--images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "dino-pretrain: error: image folder not found" in capsys.readouterr().err
     (tmp_path / "none").mkdir()
     assert main(["--images", str(tmp_path / "none"), "--out", str(out), "--no-progress"]) == 2
     assert "no image files" in capsys.readouterr().err
@@ -256,7 +268,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_command_line_synthetic_generator_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ecaseg.engine.dino_pretrain as module
+    import ecaseg.cli as module  # the command line of the package lives in ecaseg.cli
 
     seen: list[SyntheticConfig] = []
 
@@ -277,6 +289,25 @@ def test_command_line_synthetic_generator_options(tmp_path: Path, monkeypatch: p
     assert (config.min_objects, config.max_objects, config.object_scale) == (1, 1, 2.0)
     assert (config.num_train, config.image_size) == (2, 32)
     assert out.is_file()
+
+
+def test_command_line_lives_in_cli_and_the_package_does_not_import_it() -> None:
+    import ecaseg.cli
+    import ecaseg.engine.dino_pretrain as package
+
+    assert main is ecaseg.cli.pretrain_dino_main  # the former name resolves lazily
+    assert package.build_parser is ecaseg.cli.build_pretrain_dino_parser
+    assert package.run_from_args is ecaseg.cli.run_pretrain_dino
+    assert {"main", "build_parser"} <= set(dir(package))
+    with pytest.raises(AttributeError, match="no attribute 'mian'"):
+        _ = package.mian
+    code = "import sys, ecaseg.engine.dino_pretrain; print('ecaseg.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # lower layers never import the command line
+    out = subprocess.run(
+        [sys.executable, "-m", "ecaseg.engine.dino_pretrain", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--synthetic-objects" in out.stdout and "--teacher-temp" in out.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
 
 __all__ = [
+    "Key",
     "MergeRule",
     "autocast_context",
     "colorize",
@@ -239,6 +240,7 @@ def predict_labels(
 
 
 Key = TypeVar("Key")
+"""The type of the keys that :func:`predict_batched` passes through with each image (file names, masks...)."""
 
 
 def _rgb_uint8(images: Tensor) -> np.ndarray:
