@@ -12,11 +12,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -43,7 +45,13 @@ from ecaseg.engine.config import (
 )
 from ecaseg.engine.dino_pretrain import DINOPretrainConfig, pretrain_dino
 from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
-from ecaseg.engine.inference import overlay, predict_labels, to_network_input, write_png
+from ecaseg.engine.inference import (
+    overlay,
+    predict_batched,
+    predict_labels,
+    to_network_input,
+    write_png,
+)
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.engine.trainer import ECATrainer, check_compatible, load_checkpoint
 from ecaseg.engine.visualize import heatmap, label_panel, panel_row, to_rgb_uint8
@@ -132,6 +140,14 @@ def _protocol(cfg: Config, args: argparse.Namespace) -> EvalConfig:
         ev.flip = args.flip
     if args.crf is not None:
         ev.crf = args.crf
+    if args.batch_size is not None:
+        ev.batch_size = args.batch_size
+    if args.crf_workers is not None:
+        ev.crf_workers = args.crf_workers
+    if ev.batch_size < 0 or ev.crf_workers < 0:
+        raise ConfigError(
+            f"--batch-size and --crf-workers must be >= 0, got {ev.batch_size} and {ev.crf_workers}"
+        )
     if not ev.scales or any(s <= 0 for s in ev.scales):
         raise ConfigError(f"--scales must be positive factors, got {list(ev.scales)}")
     if ev.resize_long < 0:
@@ -174,6 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         amp=cfg.train.amp,
         merge=ev.merge,
         resize_long=ev.resize_long,
+        batch_size=ev.batch_size,
     )
     class_names = list(ckpt.get("class_names") or getattr(dataset, "class_names", []))
     report = {
@@ -260,28 +277,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     net.to(device).eval()
     ev = _protocol(cfg, args)
-    crf = CRFParams() if ev.crf else None
-    for path, mask_file, overlay_file in tqdm(plan, desc="predict"):
-        image = read_image(path)
-        tensor = to_network_input(image, device)
-        label = (
-            predict_labels(
-                net,
-                tensor,
-                image[None],
-                scales=ev.scales,
-                flip=ev.flip,
-                crf=crf,
-                amp=cfg.train.amp,
-                merge=ev.merge,
-                resize_long=ev.resize_long,
-            )[0]
-            .cpu()
-            .numpy()
-        )
+
+    def images() -> Iterator[tuple[tuple[np.ndarray, Path, Path], Tensor]]:
+        for path, mask_file, overlay_file in tqdm(plan, desc="predict"):
+            image = read_image(path)
+            yield (image, mask_file, overlay_file), to_network_input(image, torch.device("cpu"))[0]
+
+    for (image, mask_file, overlay_file), label in predict_batched(
+        net,
+        images(),
+        device=device,
+        batch_size=ev.batch_size,
+        scales=ev.scales,
+        flip=ev.flip,
+        merge=ev.merge,
+        resize_long=ev.resize_long,
+        amp=cfg.train.amp,
+        crf=CRFParams() if ev.crf else None,
+        crf_workers=ev.crf_workers,
+    ):
+        label_map = label.cpu().numpy()
         mask_file.parent.mkdir(parents=True, exist_ok=True)
-        write_png(mask_file, label, palette=True)
-        write_png(overlay_file, overlay(image, label))
+        write_png(mask_file, label_map, palette=True)
+        write_png(overlay_file, overlay(image, label_map))
     print(f"wrote {len(plan)} predictions (label PNG + overlay each) to {out_dir}")
     return 0
 
@@ -569,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--resize-long", type=int, default=None, help="eval.resize_long (0: native size)")
         g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="eval.flip")
         g.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="eval.crf")
+        g.add_argument(
+            "--batch-size", type=int, default=None, help="eval.batch_size: images of one size per forward"
+        )
+        g.add_argument("--crf-workers", type=int, default=None, help="eval.crf_workers: CRF processes")
 
     def add_ckpt(q: argparse.ArgumentParser) -> None:
         q.add_argument("--checkpoint", required=True, type=Path)

@@ -133,6 +133,15 @@ def test_predict_never_loses_or_mixes_up_a_users_files(
     )  # thin and tiny images predicted at their size
     assert Image.open(out / "tiny.png.png").size == (16, 16)
     assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before  # inputs untouched
+    batched = tmp_path / "batched"  # same-size images batched, each label still written to its own file
+    args = [*ckpt, str(photos), "--scales", "1.0", "--no-crf", "--batch-size", "3", "--out", str(batched)]
+    assert main(args) == 0
+    for mask in out.rglob("*.png"):
+        expected = np.asarray(Image.open(mask))
+        got = np.asarray(Image.open(batched / mask.relative_to(out)))
+        assert got.shape == expected.shape and (got == expected).mean() > 0.999, mask
+    assert main([*ckpt, str(photos), "--batch-size", "-1", "--out", str(tmp_path / "neg")]) == 2
+    assert "--batch-size" in capsys.readouterr().err
 
 
 def test_pseudo_labels_and_visualize(trained: Path, tmp_path: Path) -> None:
