@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,24 @@ def test_compare_runs_two_trees_interleaved(tmp_path: Path) -> None:
     assert figures["carm_n1024"]["max_abs_diff"] == 0.0 and figures["carm_n4096"]["base_ms"] > 0
     assert len(payload["settings"]["samples"]["base"]["carm_n1024"]) == 1
     assert "round 1/1 done" in out
+
+
+def test_ablation_rows_table_and_resume(tmp_path: Path) -> None:
+    """benchmarks/ablation.py on a tiny budget: one result per row and seed, NaN-safe summary (the baseline
+    has no CARM figure), the markdown table, and a second call keeps the finished runs."""
+    tiny = ["train.max_iters=3", "train.cls_warmup_iters=1", "data.synthetic_num_train=8",
+            "data.synthetic_num_val=4"]  # fmt: skip
+    args = ["--rows", "baseline,demo", "--seeds", "0", "--out", str(tmp_path / "out"), "--results-dir",
+            str(tmp_path), *tiny]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), *args], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("ablation-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert {r["row"] for r in figures["runs"]} == {"baseline", "demo"}
+    assert math.isnan(figures["summary"]["baseline"]["carm_pseudo"]["mean"])  # no CARM in the baseline
+    assert 0.0 <= figures["summary"]["demo"]["seg"]["mean"] <= 1.0
+    assert "| baseline |" in (tmp_path / "out" / "ablation.md").read_text()
+    again = subprocess.run([sys.executable, str(BENCH / "ablation.py"), *args], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.count("kept") == 2
