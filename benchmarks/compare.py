@@ -202,7 +202,8 @@ class _Worker:
     def run(self, part: str, repeats: int) -> list[float]:
         if part not in self.fns:
             self.fns[part] = self.build(part)
-            self.fns[part]()  # warm-up
+            for _ in range(3 if part.startswith("step_") else 1):  # warm-up (the first steps are slower)
+                self.fns[part]()
         fn = self.fns[part]
         samples = []
         for _ in range(repeats):
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="calls per part, tree and round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results")
+    parser.add_argument("--tag", default="", help="record as compare-TAG-<device>-<date>.json")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -350,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
             "samples": samples,
         }
         torch.set_num_threads(args.threads)
-        path = record("compare", torch.device("cpu"), figures, settings, results_dir=args.results_dir)
+        kind = f"compare-{args.tag}" if args.tag else "compare"
+        path = record(kind, torch.device("cpu"), figures, settings, results_dir=args.results_dir)
         print(f"wrote {path}")
     finally:
         for tree in trees:
