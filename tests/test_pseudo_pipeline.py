@@ -110,3 +110,41 @@ def test_fused_softmax_refinement_equals_refinement_per_source_and_threshold() -
     assert only_hard[1] is None
     assert torch.equal(only_hard[0], refine_pseudo_label(par, rgb, sources[0], labels, alpha=0.45,
                                                          softmax=True, out_size=out_hw))  # fmt: skip
+
+
+def test_random_walk_label_refines_both_thresholds_in_one_call_exactly() -> None:
+    """AFA's propagated label: one PAR call for both band thresholds equals one call per threshold."""
+    import torch.nn.functional as F
+
+    from ecaseg.affinity import propagate_with_background
+    from ecaseg.data import denormalize
+
+    torch.manual_seed(3)
+    net = ECANet("mit_nano", num_classes=4).eval()
+    par = PAR(dilations=(1, 2), num_iter=2)
+    pipeline = PseudoLabelPipeline(net, par, cam_scales=(1.0,), par_downsample=2, band=(0.3, 0.6))
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    cams = torch.rand(2, 3, 64, 64)
+    calls: list[int] = []
+    original = par.forward
+    par.forward = lambda rgb, maps: calls.append(maps.shape[1]) or original(rgb, maps)  # type: ignore[method-assign]
+    got = pipeline.random_walk_label(images, labels, cams, radius=2)
+    assert calls == [8]  # both thresholds, background + 3 classes each, in one call
+    with torch.no_grad():  # the per-threshold reference (AFA's loop)
+        out = net(images, with_seg=False, with_aff=True)
+        valid = F.interpolate(cams * labels[:, :, None, None], size=out.features.shape[-2:], mode="bilinear",
+                              align_corners=False)  # fmt: skip
+        rgb = F.interpolate(denormalize(images), size=(32, 32), mode="bilinear", align_corners=False)
+        present = torch.cat([torch.ones(2, 1, dtype=torch.bool), labels > 0], dim=1)
+        found = []
+        for threshold in (0.6, 0.3):
+            rw = propagate_with_background(valid, out.aff_pred, labels, threshold, radius=2)
+            rw = F.interpolate(rw, size=(64, 64), mode="bilinear", align_corners=False)
+            rw = F.interpolate(rw, size=(32, 32), mode="bilinear", align_corners=True)
+            rw = F.interpolate(original(rgb, rw), size=(64, 64), mode="bilinear", align_corners=False)
+            found.append(rw.masked_fill(~present[:, :, None, None], float("-inf")).argmax(1))
+        high, low = found
+        ref = torch.where(low == 0, torch.zeros_like(high), torch.full_like(high, 255))
+        ref = torch.where(high > 0, high, ref)
+    assert torch.equal(got, ref)

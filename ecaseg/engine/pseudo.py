@@ -266,17 +266,23 @@ class PseudoLabelPipeline:
             small_hw = (height // self.par_downsample, width // self.par_downsample)
             rgb = F.interpolate(rgb, size=small_hw, mode="bilinear", align_corners=False)
         present = torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), labels > 0], dim=1)
-        per_threshold = []
-        for threshold in (self.band[1], self.band[0]):
-            rw = propagate_with_background(valid, out.aff_pred.float(), labels, threshold, radius=radius)
-            rw = F.interpolate(rw, size=(height, width), mode="bilinear", align_corners=False)
-            if self.par is not None:
-                rw = F.interpolate(rw, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
-                rw = F.interpolate(
-                    self.par(rgb, rw), size=(height, width), mode="bilinear", align_corners=False
-                )
-            per_threshold.append(rw.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1))
-        high, low = per_threshold
+        # both thresholds' maps side by side: resizing and PAR are channel-independent, so one PAR call
+        # (one image kernel) refines both, as two calls would
+        rw = torch.cat(
+            [
+                propagate_with_background(valid, out.aff_pred.float(), labels, threshold, radius=radius)
+                for threshold in (self.band[1], self.band[0])
+            ],
+            dim=1,
+        )
+        rw = F.interpolate(rw, size=(height, width), mode="bilinear", align_corners=False)
+        if self.par is not None:
+            rw = F.interpolate(rw, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
+            rw = F.interpolate(self.par(rgb, rw), size=(height, width), mode="bilinear", align_corners=False)
+        high, low = (
+            part.masked_fill(~present[:, :, None, None], float("-inf")).argmax(dim=1)
+            for part in rw.split(labels.shape[1] + 1, dim=1)
+        )
         label = torch.where(low == 0, torch.zeros_like(high), torch.full_like(high, 255))
         label = torch.where(high > 0, high, label)
         if crop_box is not None:
