@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import record, sync, time_fn
+from common import RANDOM_WEIGHTS, STEP_VARIANTS, record, sync, time_fn
 
 from ecaseg.carm import CARMGenerator
 from ecaseg.crf import CRFParams, dense_crf
@@ -39,12 +39,7 @@ from ecaseg.engine.config import Config, load_config
 from ecaseg.engine.inference import predict_labels, predict_probs
 from ecaseg.engine.trainer import ECATrainer
 
-VARIANTS: dict[str, list[str]] = {
-    "eca": [],
-    "afa": ["method.use_carm_seg=false", "method.use_cce=false", "method.aff_source=cam"],
-    "eca_no_sae": ["method.use_carm_seg=false", "method.aff_source=cam"],
-    "eca_no_cce": ["method.use_cce=false"],
-}
+VARIANTS = STEP_VARIANTS
 
 
 class RandomSegData(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -69,16 +64,6 @@ class RandomSegData(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "crop_box": torch.tensor([0, self.size, 0, self.size]),
             "id": str(index),
         }
-
-
-RANDOM_WEIGHTS = [
-    "model.allow_random_backbone=true",
-    "model.backbone_weights=",
-    "model.dino_allow_random_init=true",
-    "model.dino_weights=",
-    "train.val_interval=0",
-    "train.cls_warmup_iters=0",
-]
 
 
 def random_weights_config(overrides: list[str]) -> Config:

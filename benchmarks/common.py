@@ -20,6 +20,24 @@ from ecaseg.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: The training-step variants that the speed benchmarks time (config overrides of the ``voc`` config).
+STEP_VARIANTS: dict[str, list[str]] = {
+    "eca": [],
+    "afa": ["method.use_carm_seg=false", "method.use_cce=false", "method.aff_source=cam"],
+    "eca_no_sae": ["method.use_carm_seg=false", "method.aff_source=cam"],
+    "eca_no_cce": ["method.use_cce=false"],
+}
+
+#: Random weights (speed does not depend on them), no validation, no classifier-only warm-up.
+RANDOM_WEIGHTS = [
+    "model.allow_random_backbone=true",
+    "model.backbone_weights=",
+    "model.dino_allow_random_init=true",
+    "model.dino_weights=",
+    "train.val_interval=0",
+    "train.cls_warmup_iters=0",
+]
+
 
 def device_name(device: torch.device) -> str:
     """A short name of the device: the GPU model, or the CPU model and thread count."""

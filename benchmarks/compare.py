@@ -39,22 +39,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_VARIANTS: dict[str, list[str]] = {
-    "eca": [],
-    "afa": ["method.use_carm_seg=false", "method.use_cce=false", "method.aff_source=cam"],
-}
-RANDOM_WEIGHTS = [
-    "model.allow_random_backbone=true",
-    "model.backbone_weights=",
-    "model.dino_allow_random_init=true",
-    "model.dino_weights=",
-    "train.val_interval=0",
-    "train.cls_warmup_iters=0",
-    "train.batch_size=2",
-    "data.crop_size=256",
-    "method.local_size=128",
-    "train.device=cpu",
-]
+#: the CPU size of the step comparison, on top of ``common.RANDOM_WEIGHTS``
+STEP_SIZE = ["train.batch_size=2", "data.crop_size=256", "method.local_size=128", "train.device=cpu"]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -156,7 +142,9 @@ class _Worker:
                 }
 
         data = Data()
-        cfg = load_config("voc", [*RANDOM_WEIGHTS, *STEP_VARIANTS[variant]])
+        from common import RANDOM_WEIGHTS, STEP_VARIANTS  # this script's folder (the worker's sys.path[0])
+
+        cfg = load_config("voc", [*RANDOM_WEIGHTS, *STEP_SIZE, *STEP_VARIANTS[variant]])
         work = tempfile.mkdtemp(prefix="ecaseg-compare-")
         kwargs = {"overwrite": True} if "overwrite" in inspect.signature(ECATrainer).parameters else {}
         trainer = ECATrainer(cfg, work, train_dataset=data, progress=False, **kwargs)
@@ -301,7 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import record
 
-    base_sha = _git("rev-parse", args.base)
+    try:
+        base_sha = _git("rev-parse", "--verify", f"{args.base}^{{commit}}")
+    except subprocess.CalledProcessError:
+        parser.error(f"--base {args.base!r} is not a commit of {ROOT}")
     wanted = set(args.parts.split(","))
     parts = [p for p in ("par",) if p in wanted]
     parts += ["carm_n1024", "carm_n4096"] if "carm" in wanted else []
