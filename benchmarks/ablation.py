@@ -87,17 +87,9 @@ BUDGET = ["train.max_iters=300", "train.cls_warmup_iters=60", "optim.warmup_iter
 def row_config(row: str, seed: int, quick: bool, overrides: list[str]) -> Any:
     """The config of one row on one benchmark seed: the demo's settings and budget plus the row's switches."""
     from ecaseg.engine.config import load_config
-    from ecaseg.engine.demo import QUICK_BUDGET
+    from ecaseg.engine.demo import QUICK_BUDGET, seed_overrides
 
-    common = [
-        f"data.synthetic_seed={seed}",
-        f"train.seed={seed}",
-        "train.tensorboard=false",
-        "train.val_interval=0",
-        "train.ckpt_interval=0",
-        *(QUICK_BUDGET if quick else BUDGET),
-        *overrides,
-    ]
+    common = [*seed_overrides(seed), *(QUICK_BUDGET if quick else BUDGET), *overrides]
     extra = list(ROWS[row])
     if "method.cam_seg_label=afa_rw" in extra:  # AFA's switch at 30 % of the iterations, as in the demo
         iters = load_config("synthetic", common).train.max_iters

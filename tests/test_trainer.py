@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,7 +168,7 @@ def test_training_forward_cam_is_reused_only_when_exact(tmp_path: Path) -> None:
     )
     assert always.reuse_train_cam
 
-    losses = []
+    losses, seen = [], []
     for rule in ("afa", "sum"):
         for reuse in ("auto", "never"):
             torch.manual_seed(0)
@@ -182,8 +183,21 @@ def test_training_forward_cam_is_reused_only_when_exact(tmp_path: Path) -> None:
             trainer.reuse_train_cam = reuse == "auto" and not stochastic_layers(trainer.net.backbone)
             assert trainer.reuse_train_cam == (reuse == "auto")
             batch = _batch(trainer)
+            images: list[int] = []
+            forward_cam = trainer.net.forward_cam
+
+            def spy(
+                x: torch.Tensor, *a: object, _seen: list[int] = images, _cam: Any = forward_cam, **k: object
+            ) -> torch.Tensor:
+                _seen.append(x.shape[0])
+                return _cam(x, *a, **k)  # type: ignore[no-any-return]
+
+            trainer.net.forward_cam = spy  # type: ignore[method-assign]
             torch.manual_seed(1)
             losses.append(trainer.train_step(batch).losses)
+            seen.append(sum(images))
+    batch_size = 2
+    assert seen[0] == seen[1] - batch_size and seen[2] == seen[3] - batch_size  # one pass fewer when reused
     for reused, plain in (losses[:2], losses[2:]):
         assert reused.keys() == plain.keys()
         for key in reused:

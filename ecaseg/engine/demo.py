@@ -32,7 +32,7 @@ from ecaseg.errors import ConfigError
 from ecaseg.metrics import format_iou_table
 from ecaseg.utils.io import atomic_write_text
 
-__all__ = ["demo_configs", "run_demo"]
+__all__ = ["demo_configs", "run_demo", "seed_overrides"]
 
 
 PRETRAIN_SOURCE_SEED = 1000
@@ -47,6 +47,18 @@ QUICK_BUDGET = [
 ]
 
 
+def seed_overrides(seed: int) -> list[str]:
+    """The overrides every run on benchmark seed ``seed`` shares (demo, ablation): the benchmark and training
+    seed, no TensorBoard, no validation or checkpoints during training."""
+    return [
+        f"data.synthetic_seed={seed}",
+        f"train.seed={seed}",
+        "train.tensorboard=false",
+        "train.val_interval=0",
+        "train.ckpt_interval=0",
+    ]
+
+
 def demo_configs(seed: int, quick: bool, overrides: Sequence[str] = ()) -> dict[str, Config]:
     """The three configs of the demo (ECA, AFA-style baseline, supervised), one budget, one benchmark seed.
 
@@ -54,13 +66,7 @@ def demo_configs(seed: int, quick: bool, overrides: Sequence[str] = ()) -> dict[
     ``overrides`` (``section.key=value``) apply to all three runs, before what sets each run apart (e.g.
     ``model.backbone=timm:test_resnet model.attn_blocks=1`` for a CNN backbone).
     """
-    common = [
-        f"data.synthetic_seed={seed}",
-        f"train.seed={seed}",
-        "train.tensorboard=false",
-        "train.val_interval=0",
-        "train.ckpt_interval=0",
-    ]
+    common = seed_overrides(seed)
     if quick:
         common += QUICK_BUDGET
     common += list(overrides)
