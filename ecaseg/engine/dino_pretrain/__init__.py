@@ -12,7 +12,8 @@ images of any folder (or any dataset that yields images); no label and no mask i
   :func:`dino_loss`, :func:`update_center`, :func:`ema_update`, :func:`cosine_schedule`.
 * :func:`affinity_auc` -- ROC AUC of :func:`ecaseg.carm.affinity_graph` values for same-object versus
   different-class patch pairs of ground-truth masks (masks are used for the measurement only), with the
-  rank-based :func:`mann_whitney_auc`.
+  rank-based :func:`mann_whitney_auc`; :func:`foreground_cue_auc` -- ROC AUC of the foreground cues (the
+  class-token cue of Eq. (5) and the contrast cue) for object versus background patches.
 * The command line (``python -m ecaseg.engine.dino_pretrain --images DIR --out FILE``, the same as
   ``ecaseg pretrain-dino``) lives in ``ecaseg.cli`` (``pretrain_dino_main``); ``main`` and
   ``build_parser`` of this package still resolve to it, imported on first use.
@@ -29,8 +30,8 @@ One file per concern, every public name re-exported here:
                                           :func:`update_center`, :func:`ema_update`
 ``schedule``                              :func:`cosine_schedule`
 ``loop``                                  :func:`pretrain_dino`, :func:`resume_path`
-``metrics``                               :func:`affinity_auc`, :func:`mann_whitney_auc`,
-                                          :func:`patch_majority`
+``metrics``                               :func:`affinity_auc`, :func:`foreground_cue_auc`,
+                                          :func:`mann_whitney_auc`, :func:`patch_majority`
 ``__main__``                              ``python -m ecaseg.engine.dino_pretrain``
 ========================================  ===============================================================
 
@@ -49,7 +50,12 @@ from ecaseg.engine.dino_pretrain.data import ImageFolder
 from ecaseg.engine.dino_pretrain.head import DINOHead
 from ecaseg.engine.dino_pretrain.loop import pretrain_dino, resume_path
 from ecaseg.engine.dino_pretrain.loss import dino_loss, ema_update, teacher_entropies, update_center
-from ecaseg.engine.dino_pretrain.metrics import affinity_auc, mann_whitney_auc, patch_majority
+from ecaseg.engine.dino_pretrain.metrics import (
+    affinity_auc,
+    foreground_cue_auc,
+    mann_whitney_auc,
+    patch_majority,
+)
 from ecaseg.engine.dino_pretrain.schedule import cosine_schedule
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "cosine_schedule",
     "dino_loss",
     "ema_update",
+    "foreground_cue_auc",
     "gaussian_blur",
     "mann_whitney_auc",
     "multi_crop",

@@ -3,6 +3,8 @@
 * :func:`affinity_auc` -- ROC AUC of :func:`ecaseg.carm.affinity_graph` values (the affinity of Eq. (4) of
   the ECA paper) for same-object versus different-class patch pairs of ground-truth masks (masks are used
   for the measurement only).
+* :func:`foreground_cue_auc` -- ROC AUC of the foreground cues (the class-token cue of Eq. (5), per head
+  too, and :func:`ecaseg.carm.contrast_cue`) for foreground versus background patches.
 * :func:`mann_whitney_auc` -- the rank-based AUC.
 * :func:`patch_majority` -- the majority label of every patch.
 
@@ -18,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.carm import affinity_graph
+from ecaseg.carm import affinity_graph, contrast_cue, foreground_cue
 from ecaseg.data import normalize
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset, render_sample
 from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.dino_pretrain.data import _unit_image
 from ecaseg.errors import DatasetError
 
-__all__ = ["affinity_auc", "mann_whitney_auc", "patch_majority"]
+__all__ = ["affinity_auc", "foreground_cue_auc", "mann_whitney_auc", "patch_majority"]
 
 
 def mann_whitney_auc(positives: Tensor, negatives: Tensor) -> Tensor:
@@ -220,4 +222,82 @@ def affinity_auc(
         "num_negative_fg": int(fg.sum()),
         "num_images": count,
         "positives": kind,
+    }
+
+
+@torch.no_grad()
+def foreground_cue_auc(
+    dino: DINOAffinity, dataset: Any, num_images: int = 50, ignore_index: int = 255
+) -> dict[str, Any]:
+    """How well the foreground cues of a ViT single out the objects: AUC for object versus background patches.
+
+    For each of the first ``num_images`` items, every patch takes the majority label of its pixels in the
+    ground-truth mask (:func:`patch_majority`; fully ignored patches are left out). The cues are scored with
+    the patches of majority label ``> 0`` as positives and those of majority 0 as negatives, pooled over all
+    images (:func:`mann_whitney_auc`; 0.5 = chance, below 0.5 = the cue prefers the background):
+
+    * ``cls_auc``: the class-token cue of Eq. (5) (:func:`ecaseg.carm.foreground_cue`, heads concatenated as
+      in the paper), with the paper's sign (a higher value means foreground);
+    * ``cls_auc_heads``: the same cue from each attention head alone (query and keys of one head);
+    * ``contrast_auc``: :func:`ecaseg.carm.contrast_cue`.
+
+    Args:
+        dino: The frozen ViT (its device is used).
+        dataset: Items with ``"image"`` (uint8 ``[H, W, 3]`` or a normalised ``[3, H, W]`` tensor) and
+            ``"mask"`` (``[H, W]``, ``ignore_index`` for unlabelled pixels).
+        num_images: How many items, from the first.
+        ignore_index: Mask value of unlabelled pixels.
+
+    Returns:
+        ``{"cls_auc", "contrast_auc"}`` (floats), ``"cls_auc_heads"`` (list of floats),
+        ``"num_foreground"``, ``"num_background"`` (patch counts) and ``"num_images"``.
+
+    Raises:
+        DatasetError: Without images, or when the pooled patches lack foreground or background.
+
+    Example:
+        >>> from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
+        >>> ds = SyntheticWSSSDataset("val", SyntheticConfig(image_size=64, num_val=2))
+        >>> dino = DINOAffinity("vit_nano_p8", allow_random_init=True)
+        >>> res = foreground_cue_auc(dino, ds, num_images=2)
+        >>> len(res["cls_auc_heads"]), 0.0 <= res["cls_auc"] <= 1.0
+        (3, True)
+    """
+    device = dino.vit.patch_embed.proj.weight.device
+    patch, heads = dino.patch_size, dino.num_heads
+    count = min(num_images, len(dataset))
+    if count < 1:
+        raise DatasetError("foreground_cue_auc needs at least one image")
+    cues: list[Tensor] = []
+    contrasts: list[Tensor] = []
+    head_cues: list[Tensor] = []
+    fg_all: list[Tensor] = []
+    for index in range(count):
+        item = dataset[index]
+        image, mask = _item_arrays(item, index)
+        feats = dino(image[None].to(device), with_tokens=False)
+        h, w = feats.grid
+        size = (h * patch, w * patch)
+        if tuple(mask.shape) != size:
+            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        cls = patch_majority(mask, patch, ignore_index)
+        keep = cls >= 0
+        q, k = feats.cls_query.cpu(), feats.keys.cpu()
+        cues.append(foreground_cue(q, k)[0][keep])
+        contrasts.append(contrast_cue(k)[0][keep])
+        qh = q.view(1, heads, -1).transpose(0, 1)  # [heads, 1, d]
+        kh = k.view(1, k.shape[1], heads, -1).permute(2, 0, 1, 3)[:, 0]  # [heads, N, d]
+        head_cues.append(foreground_cue(qh[:, 0], kh)[:, keep])
+        fg_all.append(cls[keep] > 0)
+    fg = torch.cat(fg_all)
+    if not fg.any() or fg.all():
+        raise DatasetError("foreground_cue_auc needs both foreground and background patches")
+    cue, con, per_head = torch.cat(cues), torch.cat(contrasts), torch.cat(head_cues, dim=1)
+    return {
+        "cls_auc": float(mann_whitney_auc(cue[fg], cue[~fg])),
+        "contrast_auc": float(mann_whitney_auc(con[fg], con[~fg])),
+        "cls_auc_heads": [float(mann_whitney_auc(c[fg], c[~fg])) for c in per_head],
+        "num_foreground": int(fg.sum()),
+        "num_background": int((~fg).sum()),
+        "num_images": count,
     }
