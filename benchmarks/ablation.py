@@ -24,10 +24,21 @@ demo_cls    demo with the class-token cue of Eq. (5)
 demo_none   demo without a foreground cue
 ==========  ===============================================================================================
 
+Rows for the settings where the demo departs from the paper's recipe for the benchmark's size (the table of
+differences in docs/demo.rst): each is ``demo`` with one setting set to the paper's (the ``voc`` config's):
+
+==============  =========================================================================================
+demo_msc        multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (demo: 1.0), both with flip
+demo_par        AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size (demo: 1, 2, 4; 5; full)
+demo_radius8    affinity-learning radius 8 (demo: 4)
+demo_dec256     decoder width 256 (demo: 64)
+==============  =========================================================================================
+
 Writes ``results/ablation-<device>-<date>.json`` (every run's figures, means, standard deviations, times),
 ``ablation.md`` (the table) and ``ablation.png`` (bar chart) into ``--out``.
 
     python benchmarks/ablation.py --out ablation_out            # 9 rows x 3 seeds, about an hour, 2 cores
+    python benchmarks/ablation.py --out ablation_diff --rows differences --tag differences  # 5 rows x 3
     python benchmarks/ablation.py --rows baseline,eca --seeds 0 --quick --out /tmp/abl   # a smoke run
 """
 
@@ -71,7 +82,25 @@ ROWS: dict[str, list[str]] = {
     "demo": [],
     "demo_cls": ["method.fg_cue=cls"],
     "demo_none": ["method.fg_cue=none"],
+    "demo_msc": ["method.cam_scales=[1.0,0.5,1.5]"],
+    "demo_par": ["method.par_dilations=[1,2,4,8,12,24]", "method.par_iters=10", "method.par_downsample=2"],
+    "demo_radius8": ["method.aff_radius=8"],
+    "demo_dec256": ["model.decoder_dim=256"],
 }
+#: the rows of one default invocation: Table 4 and the foreground cues (about an hour on 2 cores)
+TABLE4_ROWS = (
+    "baseline",
+    "al_carm",
+    "carm_seg",
+    "both_seg",
+    "eca",
+    "eca_calib",
+    "demo",
+    "demo_cls",
+    "demo_none",
+)
+#: ``--rows differences``: the demo and each of its departures from the paper's recipe set back
+DIFFERENCE_ROWS = ("demo", "demo_msc", "demo_par", "demo_radius8", "demo_dec256")
 PAPER_TABLE4 = {  # VOC 2012 val, CAM / Seg (msc) in %, the paper's Table 4
     "baseline": (62.2, 63.5),
     "al_carm": (63.2, 65.0),
@@ -175,7 +204,12 @@ def _table(summary: dict[str, dict[str, Any]], rows: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="run folders, ablation.md, ablation.png")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument(
+        "--rows",
+        default=",".join(TABLE4_ROWS),
+        help=f"comma-separated rows of {list(ROWS)}, or 'differences' ({','.join(DIFFERENCE_ROWS)})",
+    )
+    parser.add_argument("--tag", default="", help="record name ablation-TAG-<device>-<date>.json")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick budget (a smoke run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one process, one thread each)")
@@ -197,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    rows = args.rows.split(",")
+    rows = list(DIFFERENCE_ROWS) if args.rows == "differences" else args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
@@ -282,7 +316,13 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": elapsed / 60,
     }
     figures = {"summary": summary, "runs": results, "paper_table4": PAPER_TABLE4}
-    path = record("ablation", torch.device("cpu"), figures, settings, results_dir=args.results_dir)
+    path = record(
+        "ablation" + (f"-{args.tag}" if args.tag else ""),
+        torch.device("cpu"),
+        figures,
+        settings,
+        results_dir=args.results_dir,
+    )
     print(table)
     print(f"wrote {path}, {args.out / 'ablation.md'}, {args.out / 'ablation.png'}")
 

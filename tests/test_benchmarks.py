@@ -117,3 +117,27 @@ def test_ablation_rows_table_and_resume(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, str(BENCH / "ablation.py"), *args], capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0 and again.stdout.count("kept") == 2
+
+
+def test_ablation_row_groups_and_tag() -> None:
+    """``--rows differences`` names the demo and its departures from the paper; each is one setting."""
+    sys.path.insert(0, str(BENCH))
+    import ablation
+
+    from ecaseg.engine.config import load_config
+
+    assert set(ablation.TABLE4_ROWS) | set(ablation.DIFFERENCE_ROWS) == set(ablation.ROWS)
+    assert ablation.DIFFERENCE_ROWS[0] == "demo"
+    paper = load_config("voc")
+    for row in ablation.DIFFERENCE_ROWS[1:]:
+        demo = ablation.row_config("demo", 0, True, [])
+        cfg = ablation.row_config(row, 0, True, [])
+        changed = {
+            (sec, key)
+            for sec in ("method", "model")
+            for key, value in vars(getattr(cfg, sec)).items()
+            if getattr(getattr(demo, sec), key) != value
+        }
+        assert changed, row
+        for sec, key in changed:  # every changed setting takes the paper config's value
+            assert getattr(getattr(cfg, sec), key) == getattr(getattr(paper, sec), key), (row, key)
