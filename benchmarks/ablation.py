@@ -32,6 +32,8 @@ demo_msc        multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (dem
 demo_par        AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size (demo: 1, 2, 4; 5; full)
 demo_radius8    affinity-learning radius 8 (demo: 4)
 demo_dec256     decoder width 256 (demo: 64)
+demo_paper      the four above together
+demo_paper_ss   the four above but the multi-scale CAM
 ==============  =========================================================================================
 
 Writes ``results/ablation-<device>-<date>.json`` (every run's figures, means, standard deviations, times),
@@ -86,6 +88,21 @@ ROWS: dict[str, list[str]] = {
     "demo_par": ["method.par_dilations=[1,2,4,8,12,24]", "method.par_iters=10", "method.par_downsample=2"],
     "demo_radius8": ["method.aff_radius=8"],
     "demo_dec256": ["model.decoder_dim=256"],
+    "demo_paper": [  # all four together
+        "method.cam_scales=[1.0,0.5,1.5]",
+        "method.par_dilations=[1,2,4,8,12,24]",
+        "method.par_iters=10",
+        "method.par_downsample=2",
+        "method.aff_radius=8",
+        "model.decoder_dim=256",
+    ],
+    "demo_paper_ss": [  # all but the multi-scale CAM
+        "method.par_dilations=[1,2,4,8,12,24]",
+        "method.par_iters=10",
+        "method.par_downsample=2",
+        "method.aff_radius=8",
+        "model.decoder_dim=256",
+    ],
 }
 #: the rows of one default invocation: Table 4 and the foreground cues (about an hour on 2 cores)
 TABLE4_ROWS = (
@@ -100,7 +117,15 @@ TABLE4_ROWS = (
     "demo_none",
 )
 #: ``--rows differences``: the demo and each of its departures from the paper's recipe set back
-DIFFERENCE_ROWS = ("demo", "demo_msc", "demo_par", "demo_radius8", "demo_dec256")
+DIFFERENCE_ROWS = (
+    "demo",
+    "demo_msc",
+    "demo_par",
+    "demo_radius8",
+    "demo_dec256",
+    "demo_paper",
+    "demo_paper_ss",
+)
 PAPER_TABLE4 = {  # VOC 2012 val, CAM / Seg (msc) in %, the paper's Table 4
     "baseline": (62.2, 63.5),
     "al_carm": (63.2, 65.0),
