@@ -24,23 +24,25 @@ demo_cls    demo with the class-token cue of Eq. (5)
 demo_none   demo without a foreground cue
 ==========  ===============================================================================================
 
-Rows for the settings where the demo departs from the paper's recipe for the benchmark's size (the table of
-differences in docs/demo.rst): each is ``demo`` with one setting set to the paper's (the ``voc`` config's):
+Rows that measured the demo's move to the paper's settings (``--rows differences``; the table of
+differences in docs/demo.rst). ``demo_v1`` is the demo before it (commit be511eb); each ``demo_v1_*`` row is
+``demo_v1`` with one setting set to the paper's (the ``voc`` config's):
 
-==============  =========================================================================================
-demo_msc        multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (demo: 1.0), both with flip
-demo_par        AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size (demo: 1, 2, 4; 5; full)
-demo_radius8    affinity-learning radius 8 (demo: 4)
-demo_dec256     decoder width 256 (demo: 64)
-demo_paper      the four above together
-demo_paper_ss   the four above but the multi-scale CAM
-==============  =========================================================================================
+===============  ========================================================================================
+demo_v1          single-scale CAM; PAR dilations 1, 2, 4, 5 iterations, full size; radius 4; decoder 64
+demo_v1_msc      multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (both with flip)
+demo_v1_par      AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size
+demo_v1_radius8  affinity-learning radius 8
+demo_v1_dec256   decoder width 256
+demo             all four (the demo now)
+demo_ss          all four but the multi-scale CAM
+===============  ========================================================================================
 
 Writes ``results/ablation-<device>-<date>.json`` (every run's figures, means, standard deviations, times),
 ``ablation.md`` (the table) and ``ablation.png`` (bar chart) into ``--out``.
 
     python benchmarks/ablation.py --out ablation_out            # 9 rows x 3 seeds, about an hour, 2 cores
-    python benchmarks/ablation.py --out ablation_diff --rows differences --tag differences  # 5 rows x 3
+    python benchmarks/ablation.py --out ablation_diff --rows differences --tag differences  # 7 x 3 runs, 25 min
     python benchmarks/ablation.py --rows baseline,eca --seeds 0 --quick --out /tmp/abl   # a smoke run
 """
 
@@ -57,6 +59,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+_V1_CAM = ["method.cam_scales=[1.0]"]
+_V1_PAR = ["method.par_dilations=[1,2,4]", "method.par_iters=5", "method.par_downsample=1"]
+_V1_RADIUS = ["method.aff_radius=4"]
+_V1_DECODER = ["model.decoder_dim=64"]
 ROWS: dict[str, list[str]] = {
     "baseline": [
         "method.use_cam_seg=true",
@@ -84,25 +90,14 @@ ROWS: dict[str, list[str]] = {
     "demo": [],
     "demo_cls": ["method.fg_cue=cls"],
     "demo_none": ["method.fg_cue=none"],
-    "demo_msc": ["method.cam_scales=[1.0,0.5,1.5]"],
-    "demo_par": ["method.par_dilations=[1,2,4,8,12,24]", "method.par_iters=10", "method.par_downsample=2"],
-    "demo_radius8": ["method.aff_radius=8"],
-    "demo_dec256": ["model.decoder_dim=256"],
-    "demo_paper": [  # all four together
-        "method.cam_scales=[1.0,0.5,1.5]",
-        "method.par_dilations=[1,2,4,8,12,24]",
-        "method.par_iters=10",
-        "method.par_downsample=2",
-        "method.aff_radius=8",
-        "model.decoder_dim=256",
-    ],
-    "demo_paper_ss": [  # all but the multi-scale CAM
-        "method.par_dilations=[1,2,4,8,12,24]",
-        "method.par_iters=10",
-        "method.par_downsample=2",
-        "method.aff_radius=8",
-        "model.decoder_dim=256",
-    ],
+    # the demo's settings before it took the paper's (commit be511eb): single-scale CAM, PAR with dilations
+    # 1, 2, 4 and 5 iterations at full size, radius 4, decoder width 64; each demo_v1_* row sets one back
+    "demo_v1": [*_V1_CAM, *_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_msc": [*_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_par": [*_V1_CAM, *_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_radius8": [*_V1_CAM, *_V1_PAR, *_V1_DECODER],
+    "demo_v1_dec256": [*_V1_CAM, *_V1_PAR, *_V1_RADIUS],
+    "demo_ss": [*_V1_CAM],
 }
 #: the rows of one default invocation: Table 4 and the foreground cues (about an hour on 2 cores)
 TABLE4_ROWS = (
@@ -118,13 +113,8 @@ TABLE4_ROWS = (
 )
 #: ``--rows differences``: the demo and each of its departures from the paper's recipe set back
 DIFFERENCE_ROWS = (
-    "demo",
-    "demo_msc",
-    "demo_par",
-    "demo_radius8",
-    "demo_dec256",
-    "demo_paper",
-    "demo_paper_ss",
+    *("demo_v1", "demo_v1_msc", "demo_v1_par", "demo_v1_radius8", "demo_v1_dec256"),
+    *("demo", "demo_ss"),
 )
 PAPER_TABLE4 = {  # VOC 2012 val, CAM / Seg (msc) in %, the paper's Table 4
     "baseline": (62.2, 63.5),

@@ -120,24 +120,42 @@ def test_ablation_rows_table_and_resume(tmp_path: Path) -> None:
 
 
 def test_ablation_row_groups_and_tag() -> None:
-    """``--rows differences`` names the demo and its departures from the paper; each is one setting."""
+    """``--rows differences``: demo_v1 is the demo before the paper's settings, and each demo_v1_* row moves
+    exactly the settings it names to the paper config's values."""
     sys.path.insert(0, str(BENCH))
     import ablation
 
     from ecaseg.engine.config import load_config
 
     assert set(ablation.TABLE4_ROWS) | set(ablation.DIFFERENCE_ROWS) == set(ablation.ROWS)
-    assert ablation.DIFFERENCE_ROWS[0] == "demo"
     paper = load_config("voc")
-    for row in ablation.DIFFERENCE_ROWS[1:]:
-        demo = ablation.row_config("demo", 0, True, [])
-        cfg = ablation.row_config(row, 0, True, [])
-        changed = {
-            (sec, key)
+
+    def changes(a: str, b: str) -> dict[tuple[str, str], object]:
+        ca, cb = ablation.row_config(a, 0, True, []), ablation.row_config(b, 0, True, [])
+        return {
+            (sec, key): value
             for sec in ("method", "model")
-            for key, value in vars(getattr(cfg, sec)).items()
-            if getattr(getattr(demo, sec), key) != value
+            for key, value in vars(getattr(cb, sec)).items()
+            if getattr(getattr(ca, sec), key) != value
         }
-        assert changed, row
-        for sec, key in changed:  # every changed setting takes the paper config's value
-            assert getattr(getattr(cfg, sec), key) == getattr(getattr(paper, sec), key), (row, key)
+
+    def paper_value(sec: str, key: str) -> object:
+        return getattr(getattr(paper, sec), key)
+
+    # the demo has the paper's four settings; demo_v1 sets all of them back
+    back = changes("demo", "demo_v1")
+    assert {key for _, key in back} == {
+        "cam_scales", "par_dilations", "par_iters", "par_downsample", "aff_radius", "decoder_dim"
+    }  # fmt: skip
+    assert all(value != paper_value(sec, key) for (sec, key), value in back.items())
+    expected = {
+        "demo_v1_msc": {"cam_scales"},
+        "demo_v1_par": {"par_dilations", "par_iters", "par_downsample"},
+        "demo_v1_radius8": {"aff_radius"},
+        "demo_v1_dec256": {"decoder_dim"},
+    }
+    for row, keys in expected.items():
+        moved = changes("demo_v1", row)
+        assert {key for _, key in moved} == keys, row
+        assert all(value == paper_value(sec, key) for (sec, key), value in moved.items()), row
+    assert {key for _, key in changes("demo", "demo_ss")} == {"cam_scales"}
