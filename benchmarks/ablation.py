@@ -29,20 +29,20 @@ differences in docs/demo.rst). ``demo_v1`` is the demo before it (commit be511eb
 ``demo_v1`` with one setting set to the paper's (the ``voc`` config's):
 
 ===============  ========================================================================================
-demo_v1          single-scale CAM; PAR dilations 1, 2, 4, 5 iterations, full size; radius 4; decoder 64
-demo_v1_msc      multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (both with flip)
-demo_v1_par      AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size
-demo_v1_radius8  affinity-learning radius 8
-demo_v1_dec256   decoder width 256
-demo             all four (the demo now)
-demo_ss          all four but the multi-scale CAM
+demo_v1          PAR with dilations 1, 2, 4, 5 iterations, at full size; radius 4; decoder width 64
+demo_v1_msc      + the multi-scale CAM for the pseudo-labels: scales 1.0, 0.5, 1.5 (both with flip)
+demo_v1_par      + AFA's PAR: dilations 1, 2, 4, 8, 12, 24, 10 iterations, at half size
+demo_v1_radius8  + affinity-learning radius 8
+demo_v1_dec256   + decoder width 256
+demo             the demo now: AFA's PAR, radius 8, decoder width 256, single-scale CAM
+demo_msc         the demo with the paper's multi-scale CAM too
 ===============  ========================================================================================
 
 Writes ``results/ablation-<device>-<date>.json`` (every run's figures, means, standard deviations, times),
 ``ablation.md`` (the table) and ``ablation.png`` (bar chart) into ``--out``.
 
     python benchmarks/ablation.py --out ablation_out            # 9 rows x 3 seeds, about an hour, 2 cores
-    python benchmarks/ablation.py --out ablation_diff --rows differences --tag differences  # 7 x 3 runs, 25 min
+    python benchmarks/ablation.py --out ablation_diff --rows differences --tag differences  # 21 runs, 25 min
     python benchmarks/ablation.py --rows baseline,eca --seeds 0 --quick --out /tmp/abl   # a smoke run
 """
 
@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-_V1_CAM = ["method.cam_scales=[1.0]"]
+_PAPER_CAM = ["method.cam_scales=[1.0,0.5,1.5]"]
 _V1_PAR = ["method.par_dilations=[1,2,4]", "method.par_iters=5", "method.par_downsample=1"]
 _V1_RADIUS = ["method.aff_radius=4"]
 _V1_DECODER = ["model.decoder_dim=64"]
@@ -90,14 +90,15 @@ ROWS: dict[str, list[str]] = {
     "demo": [],
     "demo_cls": ["method.fg_cue=cls"],
     "demo_none": ["method.fg_cue=none"],
-    # the demo's settings before it took the paper's (commit be511eb): single-scale CAM, PAR with dilations
-    # 1, 2, 4 and 5 iterations at full size, radius 4, decoder width 64; each demo_v1_* row sets one back
-    "demo_v1": [*_V1_CAM, *_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
-    "demo_v1_msc": [*_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
-    "demo_v1_par": [*_V1_CAM, *_V1_RADIUS, *_V1_DECODER],
-    "demo_v1_radius8": [*_V1_CAM, *_V1_PAR, *_V1_DECODER],
-    "demo_v1_dec256": [*_V1_CAM, *_V1_PAR, *_V1_RADIUS],
-    "demo_ss": [*_V1_CAM],
+    # the demo's settings before it took the paper's PAR, radius and decoder width (commit be511eb): PAR with
+    # dilations 1, 2, 4 and 5 iterations at full size, radius 4, decoder width 64; each demo_v1_* row moves
+    # one setting to the paper's; demo_msc adds the paper's multi-scale CAM to the demo
+    "demo_v1": [*_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_msc": [*_PAPER_CAM, *_V1_PAR, *_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_par": [*_V1_RADIUS, *_V1_DECODER],
+    "demo_v1_radius8": [*_V1_PAR, *_V1_DECODER],
+    "demo_v1_dec256": [*_V1_PAR, *_V1_RADIUS],
+    "demo_msc": [*_PAPER_CAM],
 }
 #: the rows of one default invocation: Table 4 and the foreground cues (about an hour on 2 cores)
 TABLE4_ROWS = (
@@ -114,7 +115,7 @@ TABLE4_ROWS = (
 #: ``--rows differences``: the demo and each of its departures from the paper's recipe set back
 DIFFERENCE_ROWS = (
     *("demo_v1", "demo_v1_msc", "demo_v1_par", "demo_v1_radius8", "demo_v1_dec256"),
-    *("demo", "demo_ss"),
+    *("demo", "demo_msc"),
 )
 PAPER_TABLE4 = {  # VOC 2012 val, CAM / Seg (msc) in %, the paper's Table 4
     "baseline": (62.2, 63.5),

@@ -142,10 +142,10 @@ def test_ablation_row_groups_and_tag() -> None:
     def paper_value(sec: str, key: str) -> object:
         return getattr(getattr(paper, sec), key)
 
-    # the demo has the paper's four settings; demo_v1 sets all of them back
+    # the demo has the paper's PAR, radius and decoder width; demo_v1 sets them back
     back = changes("demo", "demo_v1")
     assert {key for _, key in back} == {
-        "cam_scales", "par_dilations", "par_iters", "par_downsample", "aff_radius", "decoder_dim"
+        "par_dilations", "par_iters", "par_downsample", "aff_radius", "decoder_dim"
     }  # fmt: skip
     assert all(value != paper_value(sec, key) for (sec, key), value in back.items())
     expected = {
@@ -158,4 +158,6 @@ def test_ablation_row_groups_and_tag() -> None:
         moved = changes("demo_v1", row)
         assert {key for _, key in moved} == keys, row
         assert all(value == paper_value(sec, key) for (sec, key), value in moved.items()), row
-    assert {key for _, key in changes("demo", "demo_ss")} == {"cam_scales"}
+    moved = changes("demo", "demo_msc")
+    assert {key for _, key in moved} == {"cam_scales"}
+    assert all(value == paper_value(sec, key) for (sec, key), value in moved.items())
