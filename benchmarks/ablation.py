@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     table = _table(summary, rows)
     header = (
-        f"Table 4 on the synthetic benchmark: seeds {seeds}, mean ± std, val split; "
+        f"{'Table 4 on the synthetic benchmark' if not args.tag else f'ablation {args.tag}'}: seeds {seeds}, "
+        "mean ± std, val split; "
         f"{len(results)} runs; this invocation took {elapsed / 60:.1f} min with {args.jobs} jobs"
         f"{'' if all(r['seconds'] is not None for r in results) else ' (some runs evaluated or kept)'}"
         ".\n\n"
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     chart = bar_chart(
         {m: [summary[row][m]["mean"] for row in rows] for m in METRICS},
         rows,
-        title="Table 4 on the synthetic benchmark (mean over seeds)",
+        title=f"benchmarks/ablation.py {args.tag or 'Table 4'}: mean over seeds {seeds}",
     )
     write_png(args.out / "ablation.png", chart)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -578,6 +578,8 @@ def test_foreground_cue_auc_equals_a_loop_reference() -> None:
     lo, hi = min(con), max(con)
     con = [(c - lo) / (hi - lo) for c in con[:3]]
     assert res["contrast_auc"] == pytest.approx(_auc_reference(con[:2] * 2, con[2:] * 2))
+    with pytest.raises(DatasetError, match="num_images=0 and a dataset of 1 items"):
+        foreground_cue_auc(fake, [item], num_images=0)  # type: ignore[arg-type]
     with pytest.raises(DatasetError, match="foreground and background"):
         foreground_cue_auc(fake, [{"image": item["image"], "mask": np.ones((16, 16), np.uint8)}])  # type: ignore[arg-type]
 

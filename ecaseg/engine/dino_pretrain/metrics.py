@@ -267,7 +267,10 @@ def foreground_cue_auc(
     patch, heads = dino.patch_size, dino.num_heads
     count = min(num_images, len(dataset))
     if count < 1:
-        raise DatasetError("foreground_cue_auc needs at least one image")
+        raise DatasetError(
+            f"foreground_cue_auc needs at least one image; got num_images={num_images} "
+            f"and a dataset of {len(dataset)} items"
+        )
     cues: list[Tensor] = []
     contrasts: list[Tensor] = []
     head_cues: list[Tensor] = []
