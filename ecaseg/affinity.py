@@ -31,9 +31,11 @@ __all__ = [
     "AffinityLoss",
     "affinity_labels",
     "affinity_loss",
+    "cosine_affinity",
     "downsample_label",
     "propagate_with_background",
     "radius_mask",
+    "random_walk",
 ]
 
 
@@ -149,6 +151,7 @@ def propagate_with_background(
     radius: int = 8,
     power: float = 2.0,
     eps: float = 0.1,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Random-walk propagation of CAMs with a constant background on the predicted affinity (AFA's baseline).
 
@@ -166,6 +169,8 @@ def propagate_with_background(
         radius: Window radius of the affinity (AFA: 8).
         power: Exponent of the affinity (AFA: 2).
         eps: Added to the column sums (AFA: 0.1).
+        validate: Refuse negative or non-finite affinities (a sigmoid output passes; a cosine graph such as
+            DINO's must be clamped at 0 first, :func:`cosine_affinity`); reads a value back to the host.
 
     Returns:
         ``[B, C + 1, h, w]`` propagated scores, background at index 0, unlabelled classes zero.
@@ -186,6 +191,8 @@ def propagate_with_background(
         raise ValueError(
             f"aff must be [B, N, N] = [{batch}, {n}, {n}] for the {h}x{w} grid, got {tuple(aff.shape)}"
         )
+    if validate:
+        _check_affinity(aff)
     window = radius_mask(h, w, radius, device=aff.device)
     a = torch.where(window, aff.float(), torch.zeros((), device=aff.device)) ** power
     a = a / (a.sum(dim=1, keepdim=True) + eps)
@@ -193,6 +200,99 @@ def propagate_with_background(
     present = torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), labels > 0], dim=1)
     probs = scores.masked_fill(~present[:, :, None], float("-inf")).softmax(dim=1)
     return torch.bmm(probs, a).view(batch, num_fg + 1, h, w)
+
+
+def _check_affinity(aff: torch.Tensor, name: str = "aff") -> None:
+    """Refuse negative or non-finite affinities: even powers would turn negative cosines positive."""
+    if aff.numel() == 0:
+        return
+    lo = aff.amin()
+    if not bool(torch.isfinite(aff).all()) or bool(lo < 0):
+        raise ValueError(
+            f"{name} must hold finite, non-negative affinities, got a minimum of {float(lo):.4g}; a cosine "
+            "graph (e.g. of DINO keys) has negative entries that a power would turn positive: clamp it at 0 "
+            "first (aff.clamp_min(0), or ecaseg.affinity.cosine_affinity(keys))"
+        )
+
+
+def cosine_affinity(keys: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Non-negative affinity ``max(cos(k_i, k_j), 0)`` of patch features, for :func:`random_walk`.
+
+    Eq. (4)'s graph clamped at 0: dissimilar patches (negative cosine) get no affinity, instead of a
+    negative weight that a power would flip.
+
+    Args:
+        keys: ``[B, N, D]`` patch features (e.g. ``DINOAffinity(images).keys``).
+        eps: Norm floor.
+
+    Returns:
+        ``[B, N, N]`` float32 in ``[0, 1]``.
+
+    Example:
+        >>> cosine_affinity(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])).tolist()
+        [[[1.0, 0.0], [0.0, 1.0]]]
+    """
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be [B, N, D], got {tuple(keys.shape)}")
+    unit = F.normalize(keys.float(), dim=-1, eps=eps)
+    return torch.bmm(unit, unit.transpose(1, 2)).clamp_(0.0, 1.0)
+
+
+def random_walk(
+    probs: torch.Tensor,
+    aff: torch.Tensor,
+    power: float = 2.0,
+    iterations: int = 1,
+    radius: int | None = None,
+    eps: float = 1e-5,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Random-walk propagation of class scores on a non-negative affinity (IRN / AFA style).
+
+    The transition matrix is ``T = A^p`` (cut to the square window of ``radius`` when given) normalised
+    per column, ``T_ij = A^p_ij / (sum_i A^p_ij + eps)``; the scores take ``iterations`` steps
+    ``P <- P T`` (each patch takes the affinity-weighted average of the scores of the patches it is
+    similar to). A larger ``power`` keeps only the strongest affinities.
+
+    Args:
+        probs: ``[B, K, h, w]`` class scores or probabilities on the affinity grid (``N = h * w``).
+        aff: ``[B, N, N]`` finite, non-negative affinities (checked with ``validate``; clamp a cosine graph
+            at 0 first, :func:`cosine_affinity`).
+        power: Exponent of the affinity (IRN's beta).
+        iterations: Number of steps (IRN uses ``2^8`` for its learned affinity).
+        radius: Optional window radius in patches; ``None`` uses all pairs.
+        eps: Added to the column sums.
+        validate: Check ``aff`` (reads a value back to the host).
+
+    Returns:
+        ``[B, K, h, w]`` propagated scores (float32).
+
+    Example:
+        >>> p = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+        >>> random_walk(p, torch.ones(1, 2, 2), eps=0.0)[0, :, 0].tolist()
+        [[0.5, 0.5], [0.5, 0.5]]
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be [B, K, h, w], got {tuple(probs.shape)}")
+    batch, k, h, w = probs.shape
+    n = h * w
+    if aff.shape != (batch, n, n):
+        raise ValueError(
+            f"aff must be [B, N, N] = [{batch}, {n}, {n}] for the {h}x{w} grid, got {tuple(aff.shape)}"
+        )
+    if iterations < 0 or power <= 0:
+        raise ValueError(f"iterations must be >= 0 and power > 0, got {iterations} and {power}")
+    if validate:
+        _check_affinity(aff)
+    a = aff.float()
+    if radius is not None:
+        a = torch.where(radius_mask(h, w, radius, device=aff.device), a, torch.zeros((), device=aff.device))
+    a = a**power
+    trans = a / (a.sum(dim=1, keepdim=True) + eps)
+    out = probs.float().flatten(2)
+    for _ in range(iterations):  # a few steps, each one batched product
+        out = torch.bmm(out, trans)
+    return out.view(batch, k, h, w)
 
 
 class AffinityLoss(nn.Module):

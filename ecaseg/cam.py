@@ -29,6 +29,7 @@ __all__ = [
     "MultiScaleCAM",
     "background_cam",
     "cam_from_features",
+    "cam_probabilities",
     "cam_to_label",
     "crop_box_mask",
     "minmax_normalize",
@@ -411,6 +412,38 @@ def cam_to_label(
         inside = crop_box_mask(crop_box.to(cams.device), (cams.shape[-2], cams.shape[-1]))
         label = torch.where(inside, label, torch.full_like(label, ignore_index))
     return label
+
+
+def cam_probabilities(cams: Tensor, labels: Tensor, bg_score: float = 0.5, eps: float = 1e-5) -> Tensor:
+    """Class probabilities ``[B, C + 1, H, W]`` from normalised foreground CAMs and a background threshold.
+
+    What a dense CRF (:mod:`ecaseg.crf`) or a random walk needs from a thresholded CAM: the scores
+    ``[bg_score, CAM_1 .. CAM_C]`` with unlabelled classes set to 0, divided by their sum at each pixel.
+    The argmax equals :func:`cam_to_label`'s with ``alpha = bg_score`` (up to ties), and a pixel's
+    background probability grows as its best CAM score falls below the threshold.
+
+    Args:
+        cams: ``[B, C, H, W]`` normalised foreground CAMs in ``[0, 1]``.
+        labels: ``[B, C]`` multi-hot image labels.
+        bg_score: The constant background score (the CAM threshold), in ``(0, 1]``.
+        eps: Floor of the per-pixel sum.
+
+    Returns:
+        float32 ``[B, C + 1, H, W]``, background first, summing to 1 over classes.
+
+    Example:
+        >>> p = cam_probabilities(torch.tensor([[[[1.0, 0.0]], [[0.5, 0.5]]]]), torch.tensor([[1.0, 0.0]]))
+        >>> p[0, :, 0].tolist()
+        [[0.3333333432674103, 1.0], [0.6666666865348694, 0.0], [0.0, 0.0]]
+    """
+    if cams.dim() != 4:
+        raise ValueError(f"cams must be [B, C, H, W], got {tuple(cams.shape)}")
+    _check_labels(labels, cams.shape[0], cams.shape[1])
+    if not 0.0 < bg_score <= 1.0:
+        raise ValueError(f"bg_score must be in (0, 1], got {bg_score}")
+    fg = cams.float().clamp_min(0.0) * _label_mask(labels, 4, torch.float32)
+    scores = torch.cat([torch.full_like(fg[:, :1], float(bg_score)), fg], dim=1)
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
 class CAM(nn.Module):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +34,14 @@ from ecaseg._checks import (
     shape_str,
 )
 from ecaseg.cam import _no_autocast, background_cam, minmax_normalize
-from ecaseg.dino_features import DINOFeatures
+from ecaseg.dino_features import FG_CUES, CARMSettings, DINOFeatures, FgCue
 from ecaseg.prototypes import MomentumPrototypes, _present_classes, calibrate_carm
 
 __all__ = [
     "FG_CUES",
     "CARMGenerator",
     "CARMOutput",
+    "CARMSettings",
     "DINOFeatures",
     "FgCue",
     "affinity_graph",
@@ -142,13 +143,6 @@ def foreground_cue(cls_query: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor
         q = F.normalize(cls_query.float(), dim=-1, eps=eps)
         kk = F.normalize(keys.float(), dim=-1, eps=eps)
         return torch.einsum("bd,bnd->bn", q, kk)
-
-
-FgCue = Literal["cls", "contrast", "none"]
-"""Foreground cue of :class:`CARMGenerator`: Eq. (5) (paper), :func:`contrast_cue`, or none."""
-
-FG_CUES: tuple[FgCue, ...] = get_args(FgCue)
-"""The values of :data:`FgCue`."""
 
 
 def contrast_cue(keys: Tensor, eps: float = 1e-8) -> Tensor:
@@ -424,6 +418,70 @@ class CARMGenerator(nn.Module):
             MomentumPrototypes(num_classes, feature_dim, momentum, validate=validate)
             if feature_dim is not None
             else None
+        )
+
+    @classmethod
+    def for_affinity(
+        cls,
+        dino: object,
+        num_classes: int,
+        *,
+        feature_dim: int | None = None,
+        momentum: float = 0.9,
+        validate: bool = True,
+        **overrides: Any,
+    ) -> CARMGenerator:
+        """The generator with the CARM settings that belong to an affinity ViT (the route for your own CAMs).
+
+        The settings come from ``dino.carm_settings`` (every :class:`~ecaseg.dino_affinity.DINOAffinity`
+        has them: the paper's for ``dino_vits8`` and the Table 5 variants, measured ones for the packaged
+        synthetic ViT) or from a :class:`~ecaseg.dino_features.CARMSettings` passed directly; keyword
+        ``overrides`` (``k``, ``gamma``, ``fg_cue``, ``clamp_fg_cue``, ``calibrate``) replace single fields.
+
+        Calibration (Eq. (8)-(10)) needs the features of a trained segmentation backbone: it runs only when
+        ``feature_dim`` is given (then pass ``features`` of that width at every call) and the settings ask
+        for it. Without ``feature_dim`` it is off: calibrating with the DINO tokens instead lowered the
+        pseudo-labels of CAMs made outside ecaseg (docs/choices.rst, "Offline CARM").
+
+        Args:
+            dino: A :class:`~ecaseg.dino_affinity.DINOAffinity` (or any object with ``carm_settings``), or a
+                :class:`~ecaseg.dino_features.CARMSettings`.
+            num_classes: ``K``, background included.
+            feature_dim: Channels of the backbone features passed at each call (enables calibration).
+            momentum: Prototype momentum of Eq. (8).
+            validate: Check input values at each call.
+            **overrides: Fields of :class:`~ecaseg.dino_features.CARMSettings` to change.
+
+        Returns:
+            The generator.
+
+        Example:
+            >>> from ecaseg.dino_features import CARMSettings
+            >>> gen = CARMGenerator.for_affinity(CARMSettings(gamma=0.9, fg_cue="contrast"), num_classes=3)
+            >>> gen.gamma, gen.fg_cue, gen.calibrate
+            (0.9, 'contrast', False)
+        """
+        settings = dino if isinstance(dino, CARMSettings) else getattr(dino, "carm_settings", None)
+        if not isinstance(settings, CARMSettings):
+            raise TypeError(
+                "dino must be a DINOAffinity (or have carm_settings) or a CARMSettings, "
+                f"got {type(dino).__name__}"
+            )
+        fields = {"k", "gamma", "fg_cue", "clamp_fg_cue", "calibrate"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown CARM setting(s) {unknown}; settable: {sorted(fields)}")
+        settings = settings.replace(**overrides)
+        return cls(
+            num_classes,
+            feature_dim,
+            k=settings.k,
+            gamma=settings.gamma,
+            momentum=momentum,
+            calibrate=settings.calibrate and feature_dim is not None,
+            clamp_fg_cue=settings.clamp_fg_cue,
+            fg_cue=settings.fg_cue,
+            validate=validate,
         )
 
     if TYPE_CHECKING:

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ecaseg import __version__
 from ecaseg.crf import CRFParams
 from ecaseg.data import read_image
 from ecaseg.data.synthetic import SyntheticConfig, SyntheticWSSSDataset
@@ -536,6 +537,40 @@ def cmd_pretrain_dino(args: argparse.Namespace) -> int:
     return _pretrain_dino_command(args)
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    from ecaseg.engine.refine import RefineJob, refine_folder
+    from ecaseg.refine import DEFAULT_METHOD
+
+    overrides: dict[str, Any] = {}
+    if args.gamma is not None:
+        overrides["gamma"] = args.gamma
+    if args.fg_cue is not None:
+        overrides["fg_cue"] = args.fg_cue
+    job = RefineJob(
+        cams=Path(args.cams),
+        images=Path(args.images),
+        out=Path(args.out),
+        num_classes=args.num_classes,
+        method=args.method or DEFAULT_METHOD,
+        masks=Path(args.masks) if args.masks else None,
+        labels=Path(args.labels) if args.labels else None,
+        classes=Path(args.classes) if args.classes else None,
+        dino=args.dino,
+        dino_weights=args.dino_weights,
+        alpha=args.alpha,
+        save_npy=args.save_npy,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        carm_overrides=overrides,
+    )
+    summary = refine_folder(job)
+    done = f"{summary['refined']} refined, {summary['skipped']} already done"
+    score = f"; mIoU {100 * summary['miou']:.1f} % (metrics.json)" if "miou" in summary else ""
+    print(f"ecaseg refine: {done} -> {args.out}{score}")
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.name:
         print(json.dumps(config_to_dict(load_config(args.name, args.overrides)), indent=2))
@@ -563,6 +598,7 @@ def one_line(message: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ecaseg`` command."""
     parser = argparse.ArgumentParser(prog="ecaseg", description="ECA weakly supervised semantic segmentation")
+    parser.add_argument("--version", action="version", version=f"ecaseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train ECA (or an ablation) from a config")
@@ -658,6 +694,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build_pretrain_dino_parser(p)  # the options of python -m ecaseg.engine.dino_pretrain
     p.set_defaults(func=cmd_pretrain_dino)
+
+    p = sub.add_parser(
+        "refine",
+        help="refine CAMs saved by another pipeline (IRN/AMN .npy dicts, plain arrays) into pseudo-labels",
+    )
+    p.add_argument("--cams", required=True, help="folder of <id>.npy / <id>.npz CAM files")
+    p.add_argument("--images", required=True, help="folder of the images (<id>.jpg, .png, ...)")
+    p.add_argument("--out", required=True, help="new folder for <id>.png labels (resumes an earlier run)")
+    p.add_argument("--num-classes", type=int, required=True, help="classes, background included (VOC: 21)")
+    p.add_argument("--masks", default=None, help="folder of ground-truth <id>.png: writes metrics.json")
+    p.add_argument("--labels", default=None, help="image labels (CSV/JSON), needed for plain arrays")
+    p.add_argument("--classes", default=None, help="classes.txt: the class names, background first")
+    p.add_argument(
+        "--method", default=None, help="threshold, crf, par, random_walk, carm, carm_par, carm_crf"
+    )
+    p.add_argument("--dino", default="dino_vits8", help="affinity ViT (ecaseg.dino_affinity.list_variants())")
+    p.add_argument("--dino-weights", default=None, help="its checkpoint, e.g. dino_deitsmall8_pretrain.pth")
+    p.add_argument("--alpha", type=float, default=0.5, help="background score of the thresholded maps")
+    p.add_argument("--gamma", type=float, default=None, help="override the ViT's CARM graph threshold")
+    p.add_argument("--fg-cue", default=None, choices=("cls", "contrast", "none"), help="override its cue")
+    p.add_argument("--save-npy", action="store_true", help="also write the refined maps as IRN-style .npy")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("configs", help="list packaged configs, or print one")
     p.add_argument("name", nargs="?")

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,11 +26,12 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ecaseg.dino_features import DINOFeatures
+from ecaseg.dino_features import PAPER_CARM_SETTINGS, CARMSettings, DINOFeatures
 from ecaseg.errors import CheckpointError, ConfigError
 
 __all__ = [
     "DINO_VARIANTS",
+    "CARMSettings",
     "DINOAffinity",
     "DINOFeatures",
     "DINOVariant",
@@ -74,6 +76,9 @@ class DINOVariant:
         num_reg_tokens: Register tokens (DINOv2 "reg" models); they are dropped from the patch set.
         default_weights: File name, in the package's ``ecaseg/assets`` folder, of weights shipped with
             ecaseg; ``DINOAffinity(name)`` loads them when no ``weights`` are given.
+        carm: The CARM settings that suit this ViT (graph threshold, foreground cue, calibration), used by
+            :meth:`ecaseg.carm.CARMGenerator.for_affinity`: the paper's for DINO and the Table 5 rows,
+            measured ones for the packaged synthetic ViT.
     """
 
     family: Family
@@ -88,7 +93,18 @@ class DINOVariant:
     hub_tag: str | None = None
     num_reg_tokens: int = 0
     default_weights: str | None = None
+    carm: CARMSettings = PAPER_CARM_SETTINGS
 
+
+#: CARM settings of the packaged synthetic ViT. Its class token does not find the objects (AUC 0.47) while
+#: the key contrast does (0.89), and its key cosines are high everywhere, so the graph needs gamma 0.9;
+#: calibration shrank the CARM to the seeds' parts (docs: CARM, The demo, Bring your own CAMs).
+SYNTHETIC_VIT_CARM_SETTINGS = CARMSettings(
+    gamma=0.9,
+    fg_cue="contrast",
+    calibrate=False,
+    source="measured on the synthetic benchmark (benchmarks/carm_oracle.py, benchmarks/refine.py)",
+)
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/{0}.pth"
@@ -221,6 +237,7 @@ DINO_VARIANTS: dict[str, DINOVariant] = {
         model_kwargs={"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
         file_names=("dino_vit_nano_p8_synthetic.pth",),
         default_weights="dino_vit_nano_p8_synthetic.pth",
+        carm=SYNTHETIC_VIT_CARM_SETTINGS,
     ),
 }
 
@@ -747,6 +764,7 @@ class DINOAffinity(nn.Module):
         resize_to_patch: Resize inputs whose size is not a multiple of the patch (see :func:`fit_to_patch`);
             if False such inputs raise ``ValueError``.
         autocast: Use bf16 autocast when the input is on CUDA.
+        carm_settings: Override the variant's CARM settings (:attr:`carm_settings`).
 
     Example:
         >>> dino = DINOAffinity("vit_nano_p8", allow_random_init=True)
@@ -763,8 +781,11 @@ class DINOAffinity(nn.Module):
         *,
         resize_to_patch: bool = True,
         autocast: bool = True,
+        carm_settings: CARMSettings | None = None,
     ) -> None:
         super().__init__()
+        if carm_settings is not None and not isinstance(carm_settings, CARMSettings):
+            raise ConfigError(f"carm_settings must be a CARMSettings, got {type(carm_settings).__name__}")
         self.resize_to_patch = resize_to_patch
         self.autocast = autocast
         if isinstance(name, nn.Module):
@@ -789,6 +810,8 @@ class DINOAffinity(nn.Module):
                 vit = build_vit(variant)
             else:
                 vit = self._from_hub(name, variant)
+        if carm_settings is not None:
+            variant = dataclass_replace(variant, carm=carm_settings)
         self.variant = variant
         for blk in vit.blocks:
             if hasattr(blk.attn, "fused_attn"):
@@ -802,7 +825,12 @@ class DINOAffinity(nn.Module):
 
     @classmethod
     def from_model(
-        cls, vit: VisionTransformer, *, resize_to_patch: bool = True, autocast: bool = True
+        cls,
+        vit: VisionTransformer,
+        *,
+        resize_to_patch: bool = True,
+        autocast: bool = True,
+        carm_settings: CARMSettings | None = None,
     ) -> DINOAffinity:
         """Wrap your own timm ``VisionTransformer`` instance, with its weights, as the affinity ViT.
 
@@ -819,6 +847,9 @@ class DINOAffinity(nn.Module):
                 with your weights loaded).
             resize_to_patch: See :class:`DINOAffinity`.
             autocast: See :class:`DINOAffinity`.
+            carm_settings: The CARM settings that suit this ViT (:attr:`carm_settings`); ``None`` takes the
+                paper's, which suit DINO-like ViTs only: measure yours with
+                :func:`ecaseg.refine.search_carm_settings`.
 
         Returns:
             The wrapper; ``wrapper.vit is vit``.
@@ -834,7 +865,7 @@ class DINOAffinity(nn.Module):
             >>> dino.vit is vit, dino(torch.zeros(1, 3, 32, 48)).grid
             (True, (2, 3))
         """
-        return cls(vit, resize_to_patch=resize_to_patch, autocast=autocast)
+        return cls(vit, resize_to_patch=resize_to_patch, autocast=autocast, carm_settings=carm_settings)
 
     if TYPE_CHECKING:
 
@@ -863,6 +894,16 @@ class DINOAffinity(nn.Module):
                 f"no weights given for DINO variant {name!r} and timm could not fetch "
                 f"{variant.hub_tag!r} ({type(err).__name__}: {err}). {how}"
             ) from err
+
+    @property
+    def carm_settings(self) -> CARMSettings:
+        """The CARM settings that suit this ViT (its variant's :attr:`DINOVariant.carm`).
+
+        Example:
+            >>> DINOAffinity("vit_nano_p8_synthetic").carm_settings.gamma
+            0.9
+        """
+        return self.variant.carm
 
     def train(self, mode: bool = True) -> DINOAffinity:
         """Keep the frozen ViT in eval mode whatever ``mode`` is (so parents' ``.train()`` cannot change it).

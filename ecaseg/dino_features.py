@@ -3,15 +3,84 @@
 :class:`DINOFeatures` travels from :class:`ecaseg.dino_affinity.DINOAffinity` to
 :class:`ecaseg.carm.CARMGenerator`: keys, class query and patch grid are one object, so they cannot disagree.
 It lives apart from :mod:`ecaseg.dino_affinity` (which needs timm) so that ``import ecaseg.carm`` stays light.
+
+:class:`CARMSettings` lives here for the same reason: each affinity ViT carries the CARM settings that suit
+it (:attr:`ecaseg.dino_affinity.DINOVariant.carm`), and :meth:`ecaseg.carm.CARMGenerator.for_affinity`
+builds the generator from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from torch import Tensor
 
-__all__ = ["DINOFeatures"]
+__all__ = ["FG_CUES", "PAPER_CARM_SETTINGS", "CARMSettings", "DINOFeatures", "FgCue"]
+
+FgCue = Literal["cls", "contrast", "none"]
+"""Foreground cue of Eq. (7): Eq. (5)'s class-token cue (paper), the key-contrast cue, or none."""
+
+FG_CUES: tuple[FgCue, ...] = get_args(FgCue)
+"""The values of :data:`FgCue`."""
+
+
+@dataclass(frozen=True)
+class CARMSettings:
+    """The CARM settings that belong to one affinity ViT (Eq. (3)-(10)).
+
+    A ViT's affinity distribution decides its graph threshold ``gamma`` (the paper's 0.15 suits DINO ViT-S/8,
+    whose key cosines between unrelated patches are low; a small in-domain ViT needs about 0.9), and whether
+    its class token finds the objects decides the foreground cue. Each registered variant carries its own
+    (:attr:`ecaseg.dino_affinity.DINOVariant.carm`); :meth:`ecaseg.carm.CARMGenerator.for_affinity` uses
+    them unless the caller overrides a field. For a ViT of your own, measure them with
+    :func:`ecaseg.refine.search_carm_settings` on a few labelled images (docs, "Bring your own CAMs").
+
+    Attributes:
+        k: Seed fraction of Eq. (3).
+        gamma: Graph threshold of Eq. (6), in ``[-1, 1)`` (a cosine).
+        fg_cue: Foreground cue of Eq. (7) (see :class:`ecaseg.carm.CARMGenerator`).
+        clamp_fg_cue: Clamp the cue at 0 (see :func:`ecaseg.carm.region_maps`).
+        calibrate: Prototype calibration (Eq. (8)-(10)) when the generator is given the features of a
+            trained segmentation backbone (the training loop). Offline, with no backbone features,
+            :meth:`~ecaseg.carm.CARMGenerator.for_affinity` never calibrates (measured: docs/choices.rst).
+        source: Where the values come from (shown in docs and ``repr``).
+
+    Example:
+        >>> CARMSettings().gamma, CARMSettings(gamma=0.9, fg_cue="contrast").fg_cue
+        (0.15, 'contrast')
+        >>> CARMSettings(gamma=5.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: CARMSettings: gamma must be a cosine threshold in [-1, 1), got 5.0
+    """
+
+    k: float = 0.3
+    gamma: float = 0.15
+    fg_cue: FgCue = "cls"
+    clamp_fg_cue: bool = True
+    calibrate: bool = True
+    source: str = "paper (Sec. 4.1: k 0.3, gamma 0.15, Eq. (5) cue, calibration)"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, (int, float)) and 0.0 < self.k <= 1.0):
+            raise ValueError(f"CARMSettings: k must be in (0, 1], got {self.k!r}")
+        if not (
+            isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and -1.0 <= self.gamma < 1.0
+        ):
+            raise ValueError(f"CARMSettings: gamma must be a cosine threshold in [-1, 1), got {self.gamma!r}")
+        if self.fg_cue not in FG_CUES:
+            raise ValueError(f"CARMSettings: fg_cue must be one of {FG_CUES}, got {self.fg_cue!r}")
+
+    def replace(self, **changes: Any) -> CARMSettings:
+        """A copy with ``changes`` applied (checked like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+PAPER_CARM_SETTINGS = CARMSettings()
+"""The paper's settings (VOC; COCO uses ``k = 0.15``), those of ``dino_vits8`` and the Table 5 variants."""
 
 
 @dataclass

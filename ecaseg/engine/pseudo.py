@@ -270,7 +270,9 @@ class PseudoLabelPipeline:
         # (one image kernel) refines both, as two calls would
         rw = torch.cat(
             [
-                propagate_with_background(valid, out.aff_pred.float(), labels, threshold, radius=radius)
+                propagate_with_background(
+                    valid, out.aff_pred.float(), labels, threshold, radius=radius, validate=False
+                )
                 for threshold in (self.band[1], self.band[0])
             ],
             dim=1,
