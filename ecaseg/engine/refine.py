@@ -178,7 +178,7 @@ def read_cam_file(
         dense[keys] = maps
         return CAMFile(_normalise(dense, file), torch.from_numpy(vec), "dict")
     if isinstance(content, dict):
-        if "high_res" in content or "cam" in content:
+        if file.suffix.lower() != ".npz" and ("high_res" in content or "cam" in content):
             raise DatasetError(f"{file}: the dict has no 'keys' (the 0-based foreground classes of its maps)")
         arrays = [k for k in ("high_res", "cam", "cams") if k in content]
         if not arrays and len(content) == 1:
