@@ -105,9 +105,12 @@ def build_folder_dataset(cfg: Config, split: str, transform: Any) -> FolderDatas
         "cache_dir": d.cache_dir or None,
     }
     is_val = split == d.val_split
+    if is_val and d.val_masks_dir:
+        common["masks_dir"] = d.val_masks_dir
     if d.val_labels_file:
         labels = d.val_labels_file if is_val else d.labels_file
-        return FolderDataset(d.images_dir, labels or None, **common)
+        images = d.val_images_dir if is_val and d.val_images_dir else d.images_dir
+        return FolderDataset(images, labels or None, **common)
     if d.val_fraction <= 0.0:
         if is_val:
             raise ConfigError(

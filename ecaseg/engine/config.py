@@ -51,7 +51,9 @@ class DataConfig:
     Folder datasets: the class names come from ``class_names``, else ``classes_file``, else a
     ``classes.txt`` beside the labels file, else the VOC classes. ``val_split`` is either a separate
     ``val_labels_file`` or, without one, the held-out ``val_fraction`` of the labelled images (drawn with
-    ``train.seed``; ``train_split`` is then the rest).
+    ``train.seed``; ``train_split`` is then the rest). ``val_images_dir`` and ``val_masks_dir`` give the val
+    split its own folders (e.g. training on a folder of pseudo-label PNGs in ``masks_dir`` and evaluating on
+    the ground truth); empty means the training folders.
     """
 
     dataset: Literal["voc", "coco", "folder", "synthetic"] = "voc"
@@ -64,6 +66,8 @@ class DataConfig:
     class_names: tuple[str, ...] = ()
     classes_file: str = ""
     val_labels_file: str = ""
+    val_images_dir: str = ""
+    val_masks_dir: str = ""
     val_fraction: float = 0.1
     cache_dir: str = ""
     crop_size: int = 512
