@@ -97,13 +97,13 @@ def main() -> None:
         num_train=args.num_images if args.split == "train" else 1,
         num_val=args.num_images if args.split == "val" else 1,
     )
-    num_classes = config.num_classes + 1
+    num_classes = config.num_classes
     samples = [render_sample(config, args.split, i) for i in range(args.num_images)]
     transform = EvalTransform()
     images = torch.stack([transform(s.image, s.mask)["image"] for s in samples])
     masks = torch.from_numpy(np.stack([s.mask for s in samples])).long()
     parts = torch.from_numpy(np.stack([s.parts for s in samples])).long()
-    labels = torch.zeros(len(samples), config.num_classes)
+    labels = torch.zeros(len(samples), config.num_fg_classes)
     for i, s in enumerate(samples):
         labels[i, [c - 1 for c in s.object_classes]] = 1.0
 

@@ -82,7 +82,7 @@ def main() -> None:
     x_train, y_train = _load(config, "train")
     x_val, y_val = _load(config, "val")
     attn_blocks = 1 if args.backbone.startswith("timm:") else 2
-    net = ECANet(args.backbone, num_classes=config.num_classes + 1, attn_blocks=attn_blocks)
+    net = ECANet(args.backbone, num_classes=config.num_classes, attn_blocks=attn_blocks)
     encoder, classifier = net.backbone, net.classifier
     optimizer = torch.optim.AdamW(
         [

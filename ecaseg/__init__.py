@@ -9,6 +9,8 @@ its own module with a functional form beside the module class:
 * :mod:`ecaseg.cce_loss` — :class:`~ecaseg.cce_loss.CCELoss` (Eq. 11)
 * :mod:`ecaseg.seg_loss` — :class:`~ecaseg.seg_loss.SegmentationLoss` (Eq. 12)
 * :mod:`ecaseg.pseudo_label` — :class:`~ecaseg.pseudo_label.PseudoLabeler` (thresholding + PAR)
+* :mod:`ecaseg.refine` — :class:`~ecaseg.refine.CAMRefiner` (CAMs made anywhere -> pseudo-labels: threshold,
+  CRF, PAR, random walk, CARM, CARM + PAR)
 * :mod:`ecaseg.par` — :class:`~ecaseg.par.PAR`; :mod:`ecaseg.affinity` —
   :class:`~ecaseg.affinity.AffinityLoss`; :mod:`ecaseg.crf` — :class:`~ecaseg.crf.DenseCRF`
 * :mod:`ecaseg.dino_affinity` — :class:`~ecaseg.dino_affinity.DINOAffinity`; :mod:`ecaseg.models` —
@@ -33,6 +35,8 @@ _LAZY: dict[str, str] = {
     "MultiScaleCAM": "ecaseg.cam",
     "CARMGenerator": "ecaseg.carm",
     "CARMOutput": "ecaseg.carm",
+    "CARMSettings": "ecaseg.dino_features",
+    "CAMRefiner": "ecaseg.refine",
     "CCELoss": "ecaseg.cce_loss",
     "CRFParams": "ecaseg.crf",
     "DenseCRF": "ecaseg.crf",
@@ -52,7 +56,9 @@ __all__ = [
     "PAR",
     "AffinityLoss",
     "CARMGenerator",
+    "CAMRefiner",
     "CARMOutput",
+    "CARMSettings",
     "CCELoss",
     "CRFParams",
     "DINOAffinity",
@@ -75,13 +81,14 @@ if TYPE_CHECKING:
     from ecaseg.cce_loss import CCELoss
     from ecaseg.crf import CRFParams, DenseCRF
     from ecaseg.dino_affinity import DINOAffinity
-    from ecaseg.dino_features import DINOFeatures
+    from ecaseg.dino_features import CARMSettings, DINOFeatures
     from ecaseg.engine.trainer import ECATrainer
     from ecaseg.metrics import SegmentationMetric
     from ecaseg.models import ECANet
     from ecaseg.par import PAR
     from ecaseg.prototypes import MomentumPrototypes
     from ecaseg.pseudo_label import PseudoLabeler
+    from ecaseg.refine import CAMRefiner
     from ecaseg.seg_loss import SegmentationLoss
 
 

@@ -16,7 +16,7 @@ from ecaseg.models import ECANet
 def _setup() -> tuple[ECANet, SyntheticWSSSDataset]:
     torch.manual_seed(0)
     net = ECANet("mit_nano", num_classes=4)
-    config = SyntheticConfig(image_size=48, num_classes=3, num_train=2, num_val=3)
+    config = SyntheticConfig(image_size=48, num_fg_classes=3, num_train=2, num_val=3)
     return net, SyntheticWSSSDataset("val", config, transform=EvalTransform())
 
 

@@ -44,8 +44,8 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     [
         ("seed", -1),
         ("image_size", 16),
-        ("num_classes", 0),
-        ("num_classes", 9),
+        ("num_fg_classes", 0),
+        ("num_fg_classes", 9),
         ("min_objects", 0),
         ("max_objects", 0),
         ("num_train", -1),
@@ -133,7 +133,7 @@ def test_object_count_and_labels_match_mask(
     cfg = SyntheticConfig(
         seed=seed,
         image_size=image_size,
-        num_classes=num_classes,
+        num_fg_classes=num_classes,
         min_objects=min_objects,
         max_objects=min_objects + extra,
         num_train=10,
@@ -204,7 +204,7 @@ def test_classes_share_object_colours() -> None:
     drawn: dict[int, set[tuple[int, ...]]] = defaultdict(set)
     for colour, cls in zip(colours, classes):
         drawn[int(cls)].add(tuple(int(v) for v in np.round(colour / 64.0)))
-    assert sorted(drawn) == list(range(1, cfg.num_classes + 1))
+    assert sorted(drawn) == list(range(1, cfg.num_fg_classes + 1))
     for a in drawn:
         for b in drawn:
             assert len(drawn[a] & drawn[b]) >= 2, (a, b)
@@ -248,7 +248,7 @@ def test_context_distractors_cooccur_with_their_class() -> None:
     for index in range(cfg.num_train):
         s = render_sample(cfg, "train", index)
         present = set(s.object_classes)
-        for c in range(1, cfg.num_classes + 1):
+        for c in range(1, cfg.num_fg_classes + 1):
             shown = c in s.context_classes
             counter = with_class if c in present else without_class
             counter[0] += 1
@@ -279,11 +279,11 @@ def test_context_prob_zero_removes_correlated_distractors() -> None:
 def test_dataset_items_without_transform() -> None:
     ds = SyntheticWSSSDataset("val", SMALL)
     assert len(ds) == SMALL.num_val
-    assert ds.num_classes == SMALL.num_classes + 1
-    assert ds.class_names == synthetic_class_names(SMALL.num_classes)
+    assert ds.num_classes == SMALL.num_classes == SMALL.num_fg_classes + 1
+    assert ds.class_names == synthetic_class_names(SMALL.num_fg_classes)
     assert ds.has_masks is True
     assert ds.ids[:2] == ["val_000000", "val_000001"]
-    assert ds.labels.shape == (SMALL.num_val, SMALL.num_classes) and ds.labels.dtype == np.uint8
+    assert ds.labels.shape == (SMALL.num_val, SMALL.num_fg_classes) and ds.labels.dtype == np.uint8
     item = ds[3]
     assert set(item) == {"id", "image", "label", "mask"}
     assert item["id"] == "val_000003"
@@ -291,7 +291,7 @@ def test_dataset_items_without_transform() -> None:
     np.testing.assert_array_equal(item["image"], image)
     np.testing.assert_array_equal(item["mask"], mask)
     assert item["label"].dtype == torch.float32
-    assert item["label"].tolist() == labels_from_mask(mask, SMALL.num_classes).tolist()
+    assert item["label"].tolist() == labels_from_mask(mask, SMALL.num_fg_classes).tolist()
     np.testing.assert_array_equal(ds[-1]["image"], generate_sample(SMALL, "val", SMALL.num_val - 1)[0])
     with pytest.raises(IndexError):
         ds[len(ds)]
@@ -333,7 +333,7 @@ def test_dataset_default_config_and_fast_labels() -> None:
 
 
 def test_write_synthetic_dataset_reads_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cfg = SyntheticConfig(image_size=48, num_classes=4, num_train=5, num_val=3, seed=3)
+    cfg = SyntheticConfig(image_size=48, num_fg_classes=4, num_train=5, num_val=3, seed=3)
     root = write_synthetic_dataset(tmp_path / "synth", cfg)
     assert root == tmp_path / "synth"
     assert (root / "classes.txt").read_text().splitlines() == list(synthetic_class_names(4))

@@ -61,7 +61,7 @@ SYNTHETIC_CLASSES: tuple[str, ...] = (
     "diamond",
     "hexagon",
 )
-"""All class names, background first; a config with ``num_classes=C`` uses the first ``C + 1``."""
+"""All class names, background first; a config with ``num_fg_classes=C`` uses the first ``C + 1``."""
 
 SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "val")
 """The splits a :class:`SyntheticConfig` describes."""
@@ -119,7 +119,8 @@ class SyntheticConfig:
     Attributes:
         seed: base seed; sample ``i`` of split ``s`` is seeded with ``(seed, s, i)``.
         image_size: side of the square images in pixels (at least 32). Object sizes scale with it.
-        num_classes: number of foreground classes ``C`` (1..8); ``K = C + 1`` with background at 0.
+        num_fg_classes: number of foreground classes ``C`` (1..8). The property :attr:`num_classes` is
+            ``K = C + 1``, the background included, as everywhere else in ecaseg.
         min_objects: fewest objects in an image (at least 1, so every image has a label).
         max_objects: most objects in an image. Objects never overlap; object sizes shrink when more objects
             must fit.
@@ -147,7 +148,7 @@ class SyntheticConfig:
 
     seed: int = 0
     image_size: int = 128
-    num_classes: int = 5
+    num_fg_classes: int = 5
     min_objects: int = 1
     max_objects: int = 3
     num_train: int = 1000
@@ -171,8 +172,8 @@ class SyntheticConfig:
             raise bad("seed", "must be >= 0")
         if self.image_size < 32:
             raise bad("image_size", "must be at least 32")
-        if not 1 <= self.num_classes <= _MAX_CLASSES:
-            raise bad("num_classes", f"must be in 1..{_MAX_CLASSES}")
+        if not 1 <= self.num_fg_classes <= _MAX_CLASSES:
+            raise bad("num_fg_classes", f"must be in 1..{_MAX_CLASSES}")
         if self.min_objects < 1:
             raise bad("min_objects", "must be at least 1")
         if self.max_objects < self.min_objects:
@@ -199,17 +200,27 @@ class SyntheticConfig:
         if self.blur_sigma < 0:
             raise bad("blur_sigma", "must be >= 0")
 
+    @property
+    def num_classes(self) -> int:
+        """``K = num_fg_classes + 1``: the classes with the background, as ``num_classes`` counts everywhere.
+
+        Example:
+            >>> SyntheticConfig(num_fg_classes=5).num_classes
+            6
+        """
+        return self.num_fg_classes + 1
+
     def split_size(self, split: str) -> int:
         """Number of images in ``split`` (``"train"`` or ``"val"``)."""
         _check_split(split)
         return self.num_train if split == "train" else self.num_val
 
 
-def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
-    """The ``num_classes + 1`` class names of a config, background first.
+def synthetic_class_names(num_fg_classes: int) -> tuple[str, ...]:
+    """The ``num_fg_classes + 1`` class names of a config, background first.
 
     Args:
-        num_classes: number of foreground classes ``C`` (1..8).
+        num_fg_classes: number of foreground classes ``C`` (1..8).
 
     Returns:
         ``("background", ...)`` with ``C + 1`` names.
@@ -218,9 +229,9 @@ def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
         >>> synthetic_class_names(3)
         ('background', 'circle', 'square', 'triangle')
     """
-    if not 1 <= num_classes <= _MAX_CLASSES:
-        raise ConfigError(f"num_classes={num_classes!r} is invalid: must be in 1..{_MAX_CLASSES}")
-    return SYNTHETIC_CLASSES[: num_classes + 1]
+    if not 1 <= num_fg_classes <= _MAX_CLASSES:
+        raise ConfigError(f"num_fg_classes={num_fg_classes!r} is invalid: must be in 1..{_MAX_CLASSES}")
+    return SYNTHETIC_CLASSES[: num_fg_classes + 1]
 
 
 def _check_split(split: str) -> int:
@@ -309,7 +320,7 @@ def _sample_layout(config: SyntheticConfig, split: str, index: int) -> _Layout:
     rng = _rng(config, split, index, 0)
     size = config.image_size
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
-    classes = rng.integers(1, config.num_classes + 1, size=n)
+    classes = rng.integers(1, config.num_fg_classes + 1, size=n)
     discs = _place_objects(config, rng, n)
     if config.distinct_colours:
         colour_ids = rng.permutation(len(OBJECT_PALETTE))[:n].tolist()
@@ -348,7 +359,7 @@ def _sample_layout(config: SyntheticConfig, split: str, index: int) -> _Layout:
         if rng.uniform() < config.context_prob:
             contexts.append(_Context(cls, _blob(rng, cx, cy, radius * 1.05, radius * 1.45)))
     present = set(classes.tolist())
-    absent = [c for c in range(1, config.num_classes + 1) if c not in present]
+    absent = [c for c in range(1, config.num_fg_classes + 1) if c not in present]
     if absent and rng.uniform() < config.spurious_context_prob:
         cls = absent[int(rng.integers(len(absent)))]
         cx, cy = rng.uniform(0.0, size, size=2)
@@ -619,7 +630,7 @@ def generate_sample(config: SyntheticConfig, split: str, index: int) -> tuple[np
     Example:
         >>> cfg = SyntheticConfig(image_size=64, num_train=4)
         >>> image, mask = generate_sample(cfg, "train", 3)
-        >>> image.shape, image.dtype, mask.shape, int(mask.max()) <= cfg.num_classes
+        >>> image.shape, image.dtype, mask.shape, int(mask.max()) <= cfg.num_fg_classes
         ((64, 64, 3), dtype('uint8'), (64, 64), True)
         >>> bool((generate_sample(cfg, "train", 3)[0] == image).all())
         True
@@ -629,7 +640,7 @@ def generate_sample(config: SyntheticConfig, split: str, index: int) -> tuple[np
 
 
 def _label_vector(config: SyntheticConfig, classes: frozenset[int]) -> np.ndarray:
-    label = np.zeros(config.num_classes, dtype=np.uint8)
+    label = np.zeros(config.num_fg_classes, dtype=np.uint8)
     label[[c - 1 for c in sorted(classes)]] = 1
     return label
 
@@ -677,11 +688,11 @@ class SyntheticWSSSDataset(Dataset):
         _check_split(split)
         self.split = split
         self.transform = transform
-        self.class_names: tuple[str, ...] = synthetic_class_names(self.config.num_classes)
-        self.num_classes: int = self.config.num_classes + 1
+        self.class_names: tuple[str, ...] = synthetic_class_names(self.config.num_fg_classes)
+        self.num_classes: int = self.config.num_classes
         n = self.config.split_size(split)
         self.ids: list[str] = [_sample_id(split, i) for i in range(n)]
-        labels = np.zeros((n, self.config.num_classes), dtype=np.uint8)
+        labels = np.zeros((n, self.config.num_fg_classes), dtype=np.uint8)
         for i in range(n):
             labels[i] = _label_vector(self.config, _sample_layout(self.config, split, i).classes)
         self.labels: np.ndarray = labels
@@ -740,7 +751,7 @@ def write_synthetic_dataset(root: str | os.PathLike[str], config: SyntheticConfi
     """
     config = config if config is not None else SyntheticConfig()
     root = Path(root)
-    names = synthetic_class_names(config.num_classes)
+    names = synthetic_class_names(config.num_fg_classes)
     labels: dict[str, list[str]] = {}
     for split in SYNTHETIC_SPLITS:
         ids = []

@@ -44,7 +44,7 @@ def synthetic_config(cfg: Config) -> SyntheticConfig:
     return SyntheticConfig(
         seed=d.synthetic_seed,
         image_size=d.synthetic_image_size,
-        num_classes=d.synthetic_num_classes,
+        num_fg_classes=d.synthetic_num_classes,
         num_train=d.synthetic_num_train,
         num_val=d.synthetic_num_val,
         context_prob=d.synthetic_context_prob,
