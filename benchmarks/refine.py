@@ -236,7 +236,7 @@ def rows_for(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sources", default=",".join(SOURCES))
@@ -246,8 +246,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("refine_runs"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--fresh", action="store_true", help="recompute rows cached in --work-dir")
+    parser.add_argument("--max-images", type=int, default=0, help="the first N val images only (0: all)")
     parser.add_argument("--results-dir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     sources = [s for s in args.sources.split(",") if s]
@@ -255,6 +256,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     for seed in seeds:
         val = load_split(seed, "val")
+        if args.max_images:
+            val = {k: v[: args.max_images] if k != "config" else v for k, v in val.items()}
         num_classes = val["labels"].shape[1] + 1
         size = (val["images"].shape[-2], val["images"].shape[-1])
         for source in sources:
@@ -317,6 +320,7 @@ def main() -> None:
         results_dir=args.results_dir,
     )
     print("recorded", path)
+    return summary
 
 
 if __name__ == "__main__":

@@ -161,3 +161,28 @@ def test_ablation_row_groups_and_tag() -> None:
     moved = changes("demo", "demo_msc")
     assert {key for _, key in moved} == {"cam_scales"}
     assert all(value == paper_value(sec, key) for (sec, key), value in moved.items())
+
+
+def test_refine_benchmark_rows_and_record(tmp_path: Path) -> None:
+    """benchmarks/refine.py on two sources, 6 val images, a 3-iteration classifier: every row, a record."""
+    out = _run(
+        "refine.py",
+        *("--seeds", "0", "--sources", "cam,gradcam", "--cls-iters", "3", "--max-images", "6"),
+        *("--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path)),
+    )
+    assert "| cam |" in out and "| gradcam |" in out
+    record = json.loads(next(tmp_path.glob("refine-cpu-*.json")).read_text())
+    summary = record["figures"]["summary"]
+    for source in ("cam", "gradcam"):
+        for method in ("threshold", "crf", "par", "random_walk", "carm", "carm_par", "carm_crf"):
+            assert 0.0 <= summary[source][method]["miou_mean"] <= 100.0
+    # the CAM files were written IRN-style and read back
+    assert len(list((tmp_path / "work" / "cams_cam_seed0").glob("*.npy"))) == 6
+
+
+def test_refine_speed_dry_run(tmp_path: Path) -> None:
+    out = _run(
+        "refine_speed.py", "--size", "32", "--batch-size", "2", "--reps", "1", "--results-dir", str(tmp_path)
+    )
+    record = json.loads(next(tmp_path.glob("refine-speed-cpu-*.json")).read_text())
+    assert record["figures"]["carm_ms_per_image"] > 0 and "carm_par_images_per_s" in out
