@@ -202,3 +202,30 @@ def test_training_forward_cam_is_reused_only_when_exact(tmp_path: Path) -> None:
         assert reused.keys() == plain.keys()
         for key in reused:
             torch.testing.assert_close(reused[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_with_another_number_of_processes_starts_new_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint keeps every rank's random state; a run of another size reseeds from (seed, it, rank)."""
+    import numpy as np
+
+    overrides = [*TINY, "train.max_iters=1", "train.cls_warmup_iters=1", "train.ckpt_interval=0"]
+    cfg = load_config("synthetic_tiny", overrides)
+    ECATrainer(cfg, tmp_path, progress=False).train()
+    expected_same = torch.rand(3)
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert len(ckpt["rng_per_rank"]) == 1
+    # a checkpoint of ecaseg before per-rank states (one "rng"): continued exactly by one process
+    old = {k: v for k, v in ckpt.items() if k != "rng_per_rank"}
+    torch.save(old, tmp_path / "old.pth")
+    ECATrainer(cfg, tmp_path, resume=tmp_path / "old.pth", progress=False)
+    assert torch.equal(torch.rand(3), expected_same)
+    # as if two processes had written it: this single process cannot continue either stream exactly
+    torch.save({**ckpt, "rng_per_rank": ckpt["rng_per_rank"] * 2}, tmp_path / "two.pth")
+    with caplog.at_level("WARNING", logger="ecaseg.train"):
+        ECATrainer(cfg, tmp_path, resume=tmp_path / "two.pth", progress=False)
+    got = torch.rand(3)
+    torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, 1, 0]).generate_state(1)[0]))
+    assert torch.equal(got, torch.rand(3))
+    assert "random state of 2 process(es) and this run has 1" in caplog.text

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_objects",
     "all_reduce_sum",
+    "collective_device",
+    "finish_distributed",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -40,6 +45,41 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def collective_device() -> torch.device:
+    """The device a tensor must be on for a collective of the default group (CUDA for NCCL, else CPU).
+
+    A rank that saw no data still holds CPU tensors; it moves them here before taking part.
+    """
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def finish_distributed(ok: bool = True) -> None:
+    """End a ``torchrun`` job: wait for every rank (``ok``: all of them reached the end) and destroy the
+    default process group (no-op without one).
+
+    After an error the barrier is skipped (the ranks agreed to stop, or one of them is gone), so that no
+    rank waits for a peer that will never come.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if ok and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def init_distributed() -> bool:
