@@ -229,3 +229,36 @@ def test_resume_with_another_number_of_processes_starts_new_streams(
     torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, 1, 0]).generate_state(1)[0]))
     assert torch.equal(got, torch.rand(3))
     assert "random state of 2 process(es) and this run has 1" in caplog.text
+
+
+def test_fused_adamw_is_an_option_close_to_foreach(tmp_path: Path) -> None:
+    """optim.fused: the same AdamW update as the default foreach implementation up to rounding."""
+    nets = []
+    for fused in ("false", "true"):
+        cfg = load_config("synthetic_tiny", [*TINY, "train.cls_warmup_iters=1", f"optim.fused={fused}"])
+        torch.manual_seed(0)
+        trainer = ECATrainer(cfg, tmp_path / fused, progress=False)
+        assert trainer.optimizer.defaults["fused"] is (True if fused == "true" else None)
+        batch = _batch(trainer)
+        torch.manual_seed(1)
+        trainer.train_step(batch)
+        nets.append(trainer.net.state_dict())
+    for key, value in nets[0].items():
+        assert torch.allclose(value, nets[1][key], rtol=1e-5, atol=1e-7), key
+
+
+def test_tf32_option_sets_both_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ecaseg.engine.trainer import set_tf32
+
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    assert load_config("synthetic_tiny", ["train.tf32=true"]).train.tf32 is True

@@ -55,7 +55,7 @@ from ecaseg.engine.builders import (
 from ecaseg.engine.config import Config, config_from_dict, config_to_dict
 from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
-from ecaseg.engine.pseudo import PseudoLabels
+from ecaseg.engine.pseudo import PseudoLabels, par_slots
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
 from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
@@ -71,7 +71,14 @@ from ecaseg.utils.dist import (
 )
 from ecaseg.utils.io import atomic_save_torch, atomic_write_text
 
-__all__ = ["CHECKPOINT_FORMAT", "ECATrainer", "StepOutput", "load_checkpoint", "poly_lr_lambda"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ECATrainer",
+    "StepOutput",
+    "load_checkpoint",
+    "poly_lr_lambda",
+    "set_tf32",
+]
 
 CHECKPOINT_FORMAT = "ecaseg-checkpoint-v1"
 logger = logging.getLogger("ecaseg.train")
@@ -129,6 +136,22 @@ class StepOutput:
 
     losses: dict[str, Tensor]
     pseudo: PseudoLabels | None
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA's fp32 matrix products and convolutions (``train.tf32``), process-wide.
+
+    ``False`` sets both to IEEE fp32; note that torch's own default (what a run without ``train.tf32``
+    keeps) is IEEE fp32 for matrix products but TF32 for cuDNN convolutions.
+    """
+    precision = "tf32" if enabled else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
+    else:  # pragma: no cover - older torch
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,6 +230,8 @@ class ECATrainer:
         #: images per process and step (``train.batch_size`` is the global batch)
         self.local_batch_size = config.train.batch_size // self.world_size
         self.device = self._select_device(config.train.device)
+        if self.device.type == "cuda" and config.train.tf32:
+            set_tf32(True)
         self._seed_everything(config.train.seed + self.rank)
         m = config.method
 
@@ -267,6 +292,7 @@ class ECATrainer:
                 decay_groups=o.decay_groups,
             ),
             betas=o.betas,
+            fused=True if o.fused else None,  # optim.fused (the default: foreach)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -521,6 +547,8 @@ class ECATrainer:
             if m.compact_par and batch["label"].device.type == "cpu"
             else None
         )
+        if max_labels is not None and cfg.train.compile:  # a few fixed PAR sizes (exact; no recompiles)
+            max_labels = par_slots(max_labels, batch["label"].shape[1])
         labels = batch["label"].to(device, non_blocking=True).float()
         crop_box = batch["crop_box"].to(device, non_blocking=True) if "crop_box" in batch else None
         warmup = self.iteration < cfg.train.cls_warmup_iters
