@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ecaseg.affinity import affinity_labels, affinity_loss, downsample_label
 from ecaseg.carm import CARMGenerator
 from ecaseg.cce_loss import cce_loss
-from ecaseg.data import LocalViewSampler
+from ecaseg.data import LocalViewSampler, normalize_crops, worker_init
 from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.builders import (
     build_carm_generator,
@@ -238,7 +238,13 @@ class ECATrainer:
         self.train_dataset = (
             train_dataset
             if train_dataset is not None
-            else build_dataset(config, config.data.train_split, train=True)
+            else build_dataset(
+                config,
+                config.data.train_split,
+                train=True,
+                uint8=True,  # normalised on the device (train_step)
+                masks=m.fully_supervised,  # weak supervision reads no mask file
+            )
         )
         self.val_dataset = val_dataset
         if self.val_dataset is None and config.train.val_interval > 0:
@@ -375,6 +381,7 @@ class ECATrainer:
             sampler=sampler,
             num_workers=cfg.data.num_workers,
             collate_fn=_collate,
+            worker_init_fn=worker_init,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.data.num_workers > 0,
@@ -538,6 +545,9 @@ class ECATrainer:
         cfg, m = self.cfg, self.cfg.method
         device = self.device
         images = batch["image"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # uint8 crops (a quarter of the bytes): normalised here, exactly
+            box = batch.get("crop_box")
+            images = normalize_crops(images, None if box is None else box.to(device, non_blocking=True))
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # the most labels of one image, read from the host-side batch (no device sync): PAR refines only
@@ -830,16 +840,20 @@ class ECATrainer:
         if step.pseudo is None:
             return
         n = min(self.cfg.train.num_vis_images, batch["image"].shape[0])
+        images = batch["image"][:n]
+        if images.dtype == torch.uint8:
+            box = batch.get("crop_box")
+            images = normalize_crops(images, None if box is None else box[:n])
         # eval mode: under DDP the decoder's SyncBatchNorm is a collective in training mode, and this
         # forward runs on rank 0 only; in eval mode it uses the running statistics and talks to no one
         was_training = self.net.training
         self.net.eval()
         try:
             with torch.no_grad():
-                pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
+                pred = self.net.forward_seg(images.to(self.device)).argmax(1)
         finally:
             self.net.train(was_training)
-        grid = training_panels(batch["image"][:n], step.pseudo, pred, n, class_names=self.class_names or None)
+        grid = training_panels(images, step.pseudo, pred, n, class_names=self.class_names or None)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
 
 
