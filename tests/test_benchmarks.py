@@ -161,3 +161,25 @@ def test_ablation_row_groups_and_tag() -> None:
     moved = changes("demo", "demo_msc")
     assert {key for _, key in moved} == {"cam_scales"}
     assert all(value == paper_value(sec, key) for (sec, key), value in moved.items())
+
+
+def test_loader_benchmark_times_both_paths(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_loader.py"),
+            "--images",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("loader-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert figures["before_ms_per_sample"]["median"] > 0 and figures["speedup"] > 0
