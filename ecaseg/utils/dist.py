@@ -85,7 +85,8 @@ def finish_distributed(ok: bool = True) -> None:
 def init_distributed() -> bool:
     """Initialise the default process group from ``torchrun``'s environment (``WORLD_SIZE`` > 1).
 
-    NCCL on CUDA, gloo on the CPU. Returns whether a multi-process group is active.
+    NCCL on CUDA, gloo on the CPU; the environment variable ``ECASEG_DIST_BACKEND`` names another (gloo
+    for two processes on one GPU, which NCCL refuses). Returns whether a multi-process group is active.
     """
     if not dist.is_available() or dist.is_initialized():
         return is_distributed()
@@ -93,8 +94,8 @@ def init_distributed() -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = os.environ.get("ECASEG_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
