@@ -262,3 +262,15 @@ def test_tf32_option_sets_both_backends(monkeypatch: pytest.MonkeyPatch) -> None
         torch.backends.cuda.matmul.fp32_precision = matmul
         torch.backends.cudnn.conv.fp32_precision = conv
     assert load_config("synthetic_tiny", ["train.tf32=true"]).train.tf32 is True
+
+
+def test_compile_option_compiles_the_training_par_only(tmp_path: Path) -> None:
+    """train.compile: the training step's PAR is compiled (fixed sizes), validation's PAR stays eager."""
+    cfg = load_config("synthetic_tiny", [*TINY, "train.compile=true"])
+    trainer = ECATrainer(cfg, tmp_path, progress=False)
+    assert isinstance(trainer._train_labeler.par, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.labeler.par is trainer.par and not isinstance(
+        trainer.labeler.par, torch._dynamo.eval_frame.OptimizedModule
+    )
+    plain = ECATrainer(load_config("synthetic_tiny", TINY), tmp_path / "plain", progress=False)
+    assert plain._train_labeler is plain.labeler

@@ -190,6 +190,8 @@ class TrainConfig:
     ckpt_interval: int = 2000
     amp: Literal["bf16", "none"] = "none"
     device: str = "auto"
+    #: ``torch.compile`` the training forward and the training step's PAR (fixed PAR slot sizes,
+    #: :func:`ecaseg.engine.pseudo.par_slots`, so that it compiles a few times only); validation stays eager
     compile: bool = False
     #: TF32 for the fp32 matrix products and convolutions on CUDA (Ampere and later): their inputs are
     #: rounded to a 10-bit mantissa (fp32 range, fp32 accumulation; about 1e-3 relative error per product,

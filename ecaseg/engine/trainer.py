@@ -269,6 +269,15 @@ class ECATrainer:
             )
         self.par = build_par(config).to(self.device)
         self.labeler = build_pseudo_labeler(config, self.net, self.par, self.dino, self.carm_generator)
+        # train.compile: the training step's PAR (the no-grad pseudo-label block's main cost) is compiled
+        # too; its input sizes are fixed (the crop, and par_slots' few channel counts), so it compiles a
+        # handful of times; validation (one image size after another) keeps the eager PAR
+        self._train_labeler = self.labeler
+        if config.train.compile:
+            compiled_par: Any = torch.compile(self.par, dynamic=False)
+            self._train_labeler = build_pseudo_labeler(
+                config, self.net, compiled_par, self.dino, self.carm_generator
+            )
         self.view_sampler = LocalViewSampler(num_views=m.local_views, size=m.local_size)
         # the training forward's CAM is the multi-scale CAM's unflipped scale-1.0 pass when the backbone's
         # training-mode forward is reproducible (method.reuse_train_cam)
@@ -589,7 +598,7 @@ class ECATrainer:
             total = losses["cls"]
             if not warmup:
                 with amp:
-                    pseudo = self.labeler(
+                    pseudo = self._train_labeler(
                         images,
                         labels,
                         crop_box=crop_box,
@@ -665,7 +674,7 @@ class ECATrainer:
             return pseudo.cam_label_band
         cams = pseudo.cams_refined if pseudo.cams_refined is not None else pseudo.cams
         with autocast_context(self.device, self.cfg.train.amp):
-            return self.labeler.random_walk_label(images, labels, cams, crop_box, radius=m.aff_radius)
+            return self._train_labeler.random_walk_label(images, labels, cams, crop_box, radius=m.aff_radius)
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict[int, Any]:
