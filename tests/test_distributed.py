@@ -204,7 +204,7 @@ def test_one_rank_stops_every_rank(tmp_path: Path, prelude: str, code: int, mess
     same message and exit code, and the last good checkpoint (iteration 2) is kept."""
     work = tmp_path / "stop"
     overrides = [*SHORT, "train.max_iters=5", "train.val_interval=0", "train.ckpt_interval=2"]
-    results = _launch(_cli_code(overrides, work, prelude), timeout=120)
+    results = _launch(_cli_code(overrides, work, prelude))
     lines = []
     for rank, (rc, out) in enumerate(results):
         assert rc == code and f"RANK {rank} RC {code}" in out, out[-3000:]
