@@ -59,7 +59,7 @@ from ecaseg.engine.visualize import heatmap, label_panel, panel_row, to_rgb_uint
 from ecaseg.errors import CheckpointError, ConfigError, DatasetError, EcasegError
 from ecaseg.metrics import SegmentationMetric, format_iou_table
 from ecaseg.models import ECANet
-from ecaseg.utils.dist import init_distributed, is_main_process
+from ecaseg.utils.dist import finish_distributed, init_distributed, is_main_process
 from ecaseg.utils.io import atomic_write_text
 
 __all__ = [
@@ -106,6 +106,16 @@ def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, A
 
 def cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
+    ok = False
+    try:
+        rc = _train(args)
+        ok = rc == 0
+        return rc
+    finally:  # every rank waits for the others (after a success) and leaves the process group
+        finish_distributed(ok)
+
+
+def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     trainer = ECATrainer(
         cfg, args.work_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ecaseg.utils.dist import all_reduce_sum, is_distributed
+from ecaseg.utils.dist import all_reduce_sum, collective_device, is_distributed
 from ecaseg.utils.io import atomic_write_text
 
 __all__ = [
@@ -103,8 +103,8 @@ class SegmentationMetric:
             from the target) and ``confusion`` (K x K nested list of ints, rows = target, cols = pred).
         """
         conf = self.confusion.clone()
-        if is_distributed():
-            all_reduce_sum(conf)
+        if is_distributed():  # every rank, also one that saw no image (its matrix is still on the CPU)
+            conf = all_reduce_sum(conf.to(collective_device()))
         conf_f = conf.to(device="cpu", dtype=torch.float64)
         tp = conf_f.diagonal()
         gt = conf_f.sum(dim=1)
@@ -223,13 +223,17 @@ class MultiLabelMetric:
             dict with ``map`` (float), ``ap_per_class`` (C floats), ``f1_per_class`` (C floats, NaN where a
             class has neither a positive nor a positive prediction) and ``mean_f1``.
         """
-        if not self._scores:
+        if self._scores:
+            scores = torch.cat(self._scores)
+            labels = torch.cat(self._labels)
+        else:
+            scores = labels = torch.zeros(0, self.num_fg)
+        if is_distributed():  # a collective on every rank, also on one that saw no image
+            device = collective_device()
+            scores, labels = _all_gather_rows(scores.to(device)), _all_gather_rows(labels.to(device))
+        if scores.shape[0] == 0:
             nan_list = [math.nan] * self.num_fg
             return {"map": math.nan, "ap_per_class": nan_list, "f1_per_class": nan_list, "mean_f1": math.nan}
-        scores = torch.cat(self._scores)
-        labels = torch.cat(self._labels)
-        if is_distributed():
-            scores, labels = _all_gather_rows(scores), _all_gather_rows(labels)
         scores, labels = scores.cpu().double(), labels.cpu().double()
         ap = average_precision(scores, labels)
         prob = torch.sigmoid(scores) if self.from_logits else scores
@@ -256,7 +260,7 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
-    max_n = int(max(int(s) for s in sizes))
+    max_n = max(1, *(int(s) for s in sizes))  # never a zero-size message
     padded = torch.zeros(max_n, *x.shape[1:], dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     out = [torch.zeros_like(padded) for _ in range(world)]

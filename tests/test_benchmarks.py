@@ -186,3 +186,47 @@ def test_refine_speed_dry_run(tmp_path: Path) -> None:
     )
     record = json.loads(next(tmp_path.glob("refine-speed-cpu-*.json")).read_text())
     assert record["figures"]["carm_ms_per_image"] > 0 and "carm_par_images_per_s" in out
+
+
+def test_loader_benchmark_times_both_paths(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_loader.py"),
+            "--images",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("loader-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert figures["before_ms_per_sample"]["median"] > 0 and figures["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_runs_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py, prepared for a lent GPU, runs every part at a tiny size on the CPU."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("gpu-check-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    for part in ("steps", "host_syncs", "par", "ddp", "inference"):
+        assert "error" not in figures[part], figures[part]
+    for precision in ("fp32", "fp32_tf32", "bf16"):
+        assert figures["steps"][f"eca_{precision}"]["step_ms"]["median_ms"] > 0
+        assert figures["steps"][f"eca_over_afa_{precision}"] > 0
+    assert figures["par"]["max_abs_diff"] < 1e-4
+    assert figures["ddp"]["gloo"]["ok"]
+    assert figures["inference"]["images_per_s"] > 0 and figures["inference"]["crf_images_per_s"] > 0

@@ -340,6 +340,28 @@ def test_dataset_with_transform_batches(voc) -> None:
     assert list(batch["id"]) == ds.ids[:2]
 
 
+def test_masks_are_not_read_when_nothing_uses_them(voc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_masks=False (weakly supervised training): no mask key, and no mask file is opened."""
+    import ecaseg.data.base as base_module
+
+    root, _, _ = voc
+    ds = VOCAugDataset(root, "train_aug", transform=TrainTransform(crop_size=16, resize_long=(8, 12)))
+    torch.manual_seed(0)
+    with_mask = ds[0]
+    ds.load_masks = False
+
+    def no_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a mask file was read")
+
+    monkeypatch.setattr(base_module, "read_mask", no_read)
+    torch.manual_seed(0)
+    without = ds[0]
+    assert "mask" not in without and ds.has_masks
+    # the same random crop: the mask took no random draw
+    assert torch.equal(with_mask["image"], without["image"])
+    assert torch.equal(with_mask["crop_box"], without["crop_box"])
+
+
 # ----------------------------------------------------------------------------------------------- COCO
 
 COCO_TRAIN = {

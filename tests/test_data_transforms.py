@@ -15,7 +15,9 @@ from ecaseg.data import (
     TrainTransform,
     denormalize,
     normalize,
+    normalize_crops,
     normalize_image,
+    worker_init,
 )
 
 
@@ -177,3 +179,37 @@ def test_normalize_denormalize() -> None:
     np.testing.assert_allclose(normalize_image(img).numpy(), reference_normalise(img), atol=1e-5)
     with pytest.raises(ValueError):
         denormalize(torch.zeros(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("size", [(37, 50), (80, 120), (300, 20)])
+def test_uint8_crops_normalised_on_the_device_equal_the_float_path(size: tuple[int, int]) -> None:
+    """TrainTransform(uint8=True) + normalize_crops gives bitwise the float path's batch (padding too)."""
+    h, w = size
+    rng = np.random.default_rng(h)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
+    common = {"crop_size": 64, "resize_long": (40, 90), "scale_range": (0.5, 1.5)}
+    floats, crops, boxes = [], [], []
+    for i, image in enumerate(images):
+        a = TrainTransform(**common)(image, generator=torch.Generator().manual_seed(i))
+        b = TrainTransform(**common, uint8=True)(image, generator=torch.Generator().manual_seed(i))
+        assert b["image"].dtype == torch.uint8 and torch.equal(a["crop_box"], b["crop_box"])
+        floats.append(a["image"])
+        crops.append(b["image"])
+        boxes.append(b["crop_box"])
+    got = normalize_crops(torch.stack(crops), torch.stack(boxes))
+    expected = torch.stack(floats)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert not torch.signbit(got[expected == 0]).any()  # the padding is +0, as in the float path
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_crops(expected)
+
+
+def test_worker_init_makes_opencv_single_threaded() -> None:
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        worker_init(0)
+        assert cv2.getNumThreads() <= 1
+    finally:
+        cv2.setNumThreads(before)

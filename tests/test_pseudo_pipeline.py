@@ -148,3 +148,24 @@ def test_random_walk_label_refines_both_thresholds_in_one_call_exactly() -> None
         ref = torch.where(low == 0, torch.zeros_like(high), torch.full_like(high, 255))
         ref = torch.where(high > 0, high, ref)
     assert torch.equal(got, ref)
+
+
+def test_fixed_par_slot_sizes_give_the_same_labels() -> None:
+    """par_slots rounds the compact PAR channel count up to a power of two: the extra slots hold absent
+    classes, and every label and refined map equals the tight count's (and the full path's)."""
+    from ecaseg.engine.pseudo import par_slots
+
+    torch.manual_seed(5)
+    net = ECANet("mit_nano", num_classes=7).eval()
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]])  # at most 3 labels -> 4 slots
+    assert par_slots(3, 6) == 4
+    for par_input in ("scores", "softmax"):
+        pipeline = PseudoLabelPipeline(
+            net, PAR(dilations=(1, 2), num_iter=2), cam_scales=(1.0,), par_downsample=2, par_input=par_input
+        )
+        outs = [pipeline(images, labels, with_band=True, with_carm=False, max_labels=n) for n in (3, 4, None)]
+        for other in outs[1:]:
+            assert torch.equal(outs[0].cam_label, other.cam_label), par_input
+            assert outs[0].cam_label_band is not None and other.cam_label_band is not None
+            assert torch.equal(outs[0].cam_label_band, other.cam_label_band), par_input

@@ -202,3 +202,75 @@ def test_training_forward_cam_is_reused_only_when_exact(tmp_path: Path) -> None:
         assert reused.keys() == plain.keys()
         for key in reused:
             torch.testing.assert_close(reused[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_with_another_number_of_processes_starts_new_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint keeps every rank's random state; a run of another size reseeds from (seed, it, rank)."""
+    import numpy as np
+
+    overrides = [*TINY, "train.max_iters=1", "train.cls_warmup_iters=1", "train.ckpt_interval=0"]
+    cfg = load_config("synthetic_tiny", overrides)
+    ECATrainer(cfg, tmp_path, progress=False).train()
+    expected_same = torch.rand(3)
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert len(ckpt["rng_per_rank"]) == 1
+    # a checkpoint of ecaseg before per-rank states (one "rng"): continued exactly by one process
+    old = {k: v for k, v in ckpt.items() if k != "rng_per_rank"}
+    torch.save(old, tmp_path / "old.pth")
+    ECATrainer(cfg, tmp_path, resume=tmp_path / "old.pth", progress=False)
+    assert torch.equal(torch.rand(3), expected_same)
+    # as if two processes had written it: this single process cannot continue either stream exactly
+    torch.save({**ckpt, "rng_per_rank": ckpt["rng_per_rank"] * 2}, tmp_path / "two.pth")
+    with caplog.at_level("WARNING", logger="ecaseg.train"):
+        ECATrainer(cfg, tmp_path, resume=tmp_path / "two.pth", progress=False)
+    got = torch.rand(3)
+    torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, 1, 0]).generate_state(1)[0]))
+    assert torch.equal(got, torch.rand(3))
+    assert "random state of 2 process(es) and this run has 1" in caplog.text
+
+
+def test_fused_adamw_is_an_option_close_to_foreach(tmp_path: Path) -> None:
+    """optim.fused: the same AdamW update as the default foreach implementation up to rounding."""
+    nets = []
+    for fused in ("false", "true"):
+        cfg = load_config("synthetic_tiny", [*TINY, "train.cls_warmup_iters=1", f"optim.fused={fused}"])
+        torch.manual_seed(0)
+        trainer = ECATrainer(cfg, tmp_path / fused, progress=False)
+        assert trainer.optimizer.defaults["fused"] is (True if fused == "true" else None)
+        batch = _batch(trainer)
+        torch.manual_seed(1)
+        trainer.train_step(batch)
+        nets.append(trainer.net.state_dict())
+    for key, value in nets[0].items():
+        assert torch.allclose(value, nets[1][key], rtol=1e-5, atol=1e-7), key
+
+
+def test_tf32_option_sets_both_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ecaseg.engine.trainer import set_tf32
+
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    assert load_config("synthetic_tiny", ["train.tf32=true"]).train.tf32 is True
+
+
+def test_compile_option_compiles_the_training_par_only(tmp_path: Path) -> None:
+    """train.compile: the training step's PAR is compiled (fixed sizes), validation's PAR stays eager."""
+    cfg = load_config("synthetic_tiny", [*TINY, "train.compile=true"])
+    trainer = ECATrainer(cfg, tmp_path, progress=False)
+    assert isinstance(trainer._train_labeler.par, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.labeler.par is trainer.par and not isinstance(
+        trainer.labeler.par, torch._dynamo.eval_frame.OptimizedModule
+    )
+    plain = ECATrainer(load_config("synthetic_tiny", TINY), tmp_path / "plain", progress=False)
+    assert plain._train_labeler is plain.labeler

@@ -21,7 +21,15 @@ from ecaseg.data.labels import (
     load_or_compute_mask_labels,
     mask_labels_fingerprint,
 )
-from ecaseg.data.transforms import EvalTransform, TrainTransform, denormalize, normalize, normalize_image
+from ecaseg.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    denormalize,
+    normalize,
+    normalize_crops,
+    normalize_image,
+    worker_init,
+)
 from ecaseg.data.views import LocalViews, LocalViewSampler, adjust_hue, view_sampling_grid
 from ecaseg.data.voc import VOC_LAYOUT, VOC_SPLITS, VOCAugDataset
 
@@ -51,6 +59,7 @@ __all__ = [
     "load_or_compute_mask_labels",
     "mask_labels_fingerprint",
     "normalize",
+    "normalize_crops",
     "normalize_image",
     "parse_labels_file",
     "read_id_file",
@@ -59,5 +68,6 @@ __all__ = [
     "resolve_class_names",
     "view_sampling_grid",
     "voc_palette",
+    "worker_init",
     "write_mask",
 ]

@@ -77,7 +77,9 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         class_names: K names, background first.
         num_classes: K.
         ignore_index: the mask value of ignored pixels (255).
-        has_masks: whether items carry a mask.
+        has_masks: whether the dataset has masks.
+        load_masks: whether items carry them (default True); a weakly supervised training loop sets it to
+            False, so that no mask file is read, decoded, resized and cropped only to be dropped.
         has_labels: whether ``labels`` are known (False for e.g. VOC ``test``, where they are all zero).
         ids: image ids in dataset order.
         labels: ``np.ndarray [len, C]`` uint8 cached image-level labels (C = K - 1).
@@ -111,6 +113,7 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         self._image_paths = list(image_paths)
         self._mask_paths = None if mask_paths is None else list(mask_paths)
         self.has_masks = self._mask_paths is not None
+        self.load_masks = True
         self.has_labels = labels is not None
         if labels is None:
             labels = np.zeros((len(self.ids), self.num_classes - 1), dtype=np.uint8)
@@ -151,7 +154,7 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         image_file = self._image_paths[index]
         image = read_image(image_file)
         mask: np.ndarray | None = None
-        if self._mask_paths is not None:
+        if self._mask_paths is not None and self.load_masks:
             mask_file = self._mask_paths[index]
             mask = read_mask(mask_file, self.num_classes, self.ignore_index)
             if mask.shape != image.shape[:2]:

@@ -18,7 +18,30 @@ from torch import Tensor
 
 from ecaseg.data.classes import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["EvalTransform", "TrainTransform", "denormalize", "normalize", "normalize_image"]
+__all__ = [
+    "EvalTransform",
+    "TrainTransform",
+    "denormalize",
+    "normalize",
+    "normalize_crops",
+    "normalize_image",
+    "worker_init",
+]
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of ecaseg's data loaders: OpenCV single-threaded in each worker process.
+
+    The workers already run in parallel; OpenCV's own thread pool in every one of them oversubscribes
+    the cores (N workers x all cores threads for every resize).
+    """
+    cv2.setNumThreads(0)
+
+
+def _affine_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(scale, shift)`` of ``(x - shift) / scale`` on 0-255 values (one place, so that the
+    loader's and the device's normalisation use the very same constants)."""
+    return np.asarray(std, dtype=np.float32) * 255.0, np.asarray(mean, dtype=np.float32) * 255.0
 
 
 def _check_image(image: np.ndarray, mask: np.ndarray | None) -> None:
@@ -38,8 +61,7 @@ def normalize_image(
         >>> normalize_image(np.full((1, 1, 3), 255, np.uint8), half, half).flatten().tolist()
         [1.0, 1.0, 1.0]
     """
-    scale = np.asarray(std, dtype=np.float32) * 255.0
-    shift = np.asarray(mean, dtype=np.float32) * 255.0
+    scale, shift = _affine_constants(mean, std)
     out = (image.astype(np.float32) - shift) / scale
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
@@ -84,6 +106,45 @@ def normalize(
     return _channel_affine(images, [1.0 / s for s in std], [-m / s for m, s in zip(mean, std)])
 
 
+def normalize_crops(
+    images: Tensor,
+    crop_box: Tensor | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """uint8 crops ``[B, 3, S, S]`` (:class:`TrainTransform` with ``uint8=True``) -> the normalised float32
+    batch that the float path gives, on the crops' device (send the uint8 batch to the GPU, 4x fewer bytes,
+    and normalise there).
+
+    The same float32 operations as :func:`normalize_image`, so the result is bitwise equal; pixels outside
+    ``crop_box`` (``[B, 4]`` as ``(y0, y1, x0, x1)``, the padding) are 0, the normalised mean colour.
+
+    Example:
+        >>> t8 = TrainTransform(crop_size=8, resize_long=None, scale_range=None, hflip=False, uint8=True)
+        >>> tf = TrainTransform(crop_size=8, resize_long=None, scale_range=None, hflip=False)
+        >>> image = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+        >>> a = t8(image, generator=torch.Generator().manual_seed(0))  # the same crop and padding
+        >>> b = tf(image, generator=torch.Generator().manual_seed(0))
+        >>> x = normalize_crops(a["image"][None], a["crop_box"][None])[0]
+        >>> a["image"].dtype, torch.equal(x, b["image"])
+        (torch.uint8, True)
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    scale, shift = _affine_constants(mean, std)
+    x = images.float()
+    out = torch.stack([(x[:, c] - float(shift[c])) / float(scale[c]) for c in range(3)], dim=1)
+    if crop_box is None:
+        return out
+    box = crop_box.to(images.device)
+    ys = torch.arange(images.shape[-2], device=images.device)
+    xs = torch.arange(images.shape[-1], device=images.device)
+    inside_y = (ys[None] >= box[:, 0:1]) & (ys[None] < box[:, 1:2])
+    inside_x = (xs[None] >= box[:, 2:3]) & (xs[None] < box[:, 3:4])
+    inside = inside_y[:, :, None] & inside_x[:, None, :]
+    return out.masked_fill(~inside[:, None], 0.0)
+
+
 def _resize(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, int]) -> tuple[np.ndarray, Any]:
     h, w = size_hw
     if (h, w) == image.shape[:2]:
@@ -122,6 +183,9 @@ class TrainTransform:
         mean: normalisation mean.
         std: normalisation std.
         ignore_index: mask value of padded pixels.
+        uint8: return the crop as ``uint8 [3, S, S]`` (padding 0), normalised later on the device by
+            :func:`normalize_crops` (bitwise the same floats; the loader skips the float conversion and
+            sends a quarter of the bytes).
 
     Returns (of a call ``transform(image, mask=None, generator=None)``):
         ``{"image": FloatTensor[3, S, S], "crop_box": LongTensor[4], "mask": LongTensor[S, S]}`` where
@@ -144,6 +208,7 @@ class TrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = 255,
+        uint8: bool = False,
     ) -> None:
         if crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
@@ -158,6 +223,7 @@ class TrainTransform:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.ignore_index = ignore_index
+        self.uint8 = uint8
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None = None, generator: torch.Generator | None = None
@@ -185,10 +251,13 @@ class TrainTransform:
         dy, dx = dst
         ch, cw = min(image.shape[0], s), min(image.shape[1], s)
 
-        out_image = torch.zeros(3, s, s, dtype=torch.float32)
-        out_image[:, dy : dy + ch, dx : dx + cw] = normalize_image(
-            image[sy : sy + ch, sx : sx + cw], self.mean, self.std
-        )
+        crop = image[sy : sy + ch, sx : sx + cw]
+        if self.uint8:
+            out_image = torch.zeros(3, s, s, dtype=torch.uint8)
+            out_image[:, dy : dy + ch, dx : dx + cw] = torch.from_numpy(crop.transpose(2, 0, 1).copy())
+        else:
+            out_image = torch.zeros(3, s, s, dtype=torch.float32)
+            out_image[:, dy : dy + ch, dx : dx + cw] = normalize_image(crop, self.mean, self.std)
         out: dict[str, Any] = {
             "image": out_image,
             "crop_box": torch.tensor([dy, dy + ch, dx, dx + cw], dtype=torch.long),

@@ -13,6 +13,7 @@ from ecaseg.data import (
     COCOSegDataset,
     EvalTransform,
     FolderDataset,
+    SegmentationDataset,
     TrainTransform,
     VOCAugDataset,
 )
@@ -52,16 +53,35 @@ def synthetic_config(cfg: Config) -> SyntheticConfig:
     )
 
 
-def build_dataset(cfg: Config, split: str, train: bool) -> Dataset[dict[str, Any]]:
-    """The dataset of ``split`` with the training or evaluation transform of ``cfg``."""
+def build_dataset(
+    cfg: Config, split: str, train: bool, *, uint8: bool = False, masks: bool = True
+) -> Dataset[dict[str, Any]]:
+    """The dataset of ``split`` with the training or evaluation transform of ``cfg``.
+
+    ``uint8``: training crops stay ``uint8`` (normalised on the device by
+    :func:`~ecaseg.data.normalize_crops`); ``masks=False``: mask files are not read (weakly supervised
+    training; the synthetic dataset draws its masks anyway).
+    """
     d = cfg.data
     transform: Any
     if train:
         transform = TrainTransform(
-            crop_size=d.crop_size, resize_long=d.resize_long, scale_range=d.scale_range, hflip=d.hflip
+            crop_size=d.crop_size,
+            resize_long=d.resize_long,
+            scale_range=d.scale_range,
+            hflip=d.hflip,
+            uint8=uint8,
         )
     else:
         transform = EvalTransform()
+    dataset = _build_dataset(cfg, split, transform)
+    if not masks and isinstance(dataset, SegmentationDataset):
+        dataset.load_masks = False
+    return dataset
+
+
+def _build_dataset(cfg: Config, split: str, transform: Any) -> Dataset[dict[str, Any]]:
+    d = cfg.data
     cache_dir = d.cache_dir or None
     if d.dataset == "voc":
         return VOCAugDataset(d.root, split=split, transform=transform, cache_dir=cache_dir)

@@ -169,6 +169,11 @@ class OptimConfig:
     #: groups (no decay on any 1-d backbone parameter, i.e. norms and biases, which take
     #: ``backbone_norm_lr_mult``)
     decay_groups: Literal["afa", "no_bias_decay"] = "afa"
+    #: ``torch.optim.AdamW(fused=True)``: one kernel for all parameters instead of the default ``foreach``
+    #: implementation's few dozen multi-tensor kernels per step (faster on CUDA). Same update rule; the
+    #: arithmetic is ordered differently, so the weights differ from foreach's in the last bits
+    #: (``tests/test_trainer.py`` bounds it), which is why it is an option and not the default
+    fused: bool = False
 
 
 @dataclass
@@ -189,7 +194,14 @@ class TrainConfig:
     ckpt_interval: int = 2000
     amp: Literal["bf16", "none"] = "none"
     device: str = "auto"
+    #: ``torch.compile`` the training forward and the training step's PAR (fixed PAR slot sizes,
+    #: :func:`ecaseg.engine.pseudo.par_slots`, so that it compiles a few times only); validation stays eager
     compile: bool = False
+    #: TF32 for the fp32 matrix products and convolutions on CUDA (Ampere and later): their inputs are
+    #: rounded to a 10-bit mantissa (fp32 range, fp32 accumulation; about 1e-3 relative error per product,
+    #: elementwise ops, reductions and softmax unchanged). Off: torch's defaults (IEEE fp32 matrix
+    #: products, which is most of the MiT backbone; cuDNN convolutions are allowed TF32 by torch already)
+    tf32: bool = False
     channels_last: bool = False
     tensorboard: bool = True
     num_vis_images: int = 4

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
 from ecaseg.crf import CRFParams
+from ecaseg.data import worker_init
 from ecaseg.engine.inference import MergeRule, autocast_context, predict_batched
 from ecaseg.engine.pseudo import PseudoLabelPipeline
 from ecaseg.errors import DatasetError
@@ -37,7 +38,11 @@ def eval_loader(
         n = min(n, max_images)
     indices = list(range(get_rank(), n, get_world_size()))
     return DataLoader(
-        Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=_collate_one
+        Subset(dataset, indices),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_collate_one,
+        worker_init_fn=worker_init,
     )
 
 

@@ -21,7 +21,26 @@ from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.models import ECANet
 from ecaseg.pseudo_label import refine_pseudo_label
 
-__all__ = ["PseudoLabelPipeline", "PseudoLabels"]
+__all__ = ["PseudoLabelPipeline", "PseudoLabels", "par_slots"]
+
+
+def par_slots(max_labels: int, num_fg: int) -> int:
+    """A fixed slot count for ``max_labels`` labelled channels: the next power of two, at most ``num_fg``.
+
+    The compact PAR path (``max_labels`` of :class:`PseudoLabelPipeline`) refines one slot per label of the
+    most-labelled image; its channel count changes from batch to batch, and a compiled or graphed
+    pseudo-label block recompiles for every new count. Rounding it up to one of a few sizes is exact: the
+    extra slots hold absent classes, which are zero (probability 0) and stay zero through PAR.
+
+    Example:
+        >>> [par_slots(n, 20) for n in (1, 2, 3, 4, 5, 9, 17, 20)]
+        [1, 2, 4, 4, 8, 16, 20, 20]
+        >>> par_slots(3, 3)
+        3
+    """
+    if max_labels < 1:
+        return 1
+    return min(num_fg, 1 << (int(max_labels) - 1).bit_length())
 
 
 @dataclass

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ecaseg.affinity import affinity_labels, affinity_loss, downsample_label
 from ecaseg.carm import CARMGenerator
 from ecaseg.cce_loss import cce_loss
-from ecaseg.data import LocalViewSampler
+from ecaseg.data import LocalViewSampler, normalize_crops, worker_init
 from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.builders import (
     build_carm_generator,
@@ -55,16 +55,30 @@ from ecaseg.engine.builders import (
 from ecaseg.engine.config import Config, config_from_dict, config_to_dict
 from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
-from ecaseg.engine.pseudo import PseudoLabels
+from ecaseg.engine.pseudo import PseudoLabels, par_slots
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
 from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ecaseg.models import ECANet, stochastic_layers
 from ecaseg.seg_loss import classification_loss, segmentation_loss
-from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
+from ecaseg.utils.dist import (
+    all_gather_objects,
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
 from ecaseg.utils.io import atomic_save_torch, atomic_write_text
 
-__all__ = ["CHECKPOINT_FORMAT", "ECATrainer", "StepOutput", "load_checkpoint", "poly_lr_lambda"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ECATrainer",
+    "StepOutput",
+    "load_checkpoint",
+    "poly_lr_lambda",
+    "set_tf32",
+]
 
 CHECKPOINT_FORMAT = "ecaseg-checkpoint-v1"
 logger = logging.getLogger("ecaseg.train")
@@ -88,18 +102,32 @@ def poly_lr_lambda(max_iters: int, warmup_iters: int, warmup_ratio: float, power
 
 
 class _TrainForward(nn.Module):
-    """Everything with gradient in one forward, so that DDP sees one graph per step."""
+    """Everything with gradient in one forward, so that DDP sees one graph per step.
+
+    Returns a dict of the tensors that the step's losses use and nothing else (``cls_logits``,
+    ``features`` and ``cams`` with ``with_cls``; ``seg_logits``, ``aff_pred`` and ``local_cams`` when
+    requested): an output tensor that no loss reads (the classifier's logits of the fully supervised bound)
+    would make DDP wait for a gradient that never comes.
+    """
 
     def __init__(self, net: ECANet) -> None:
         super().__init__()
         self.net = net
 
     def forward(
-        self, images: Tensor, local_images: Tensor | None, with_seg: bool, with_aff: bool
-    ) -> tuple[Any, Tensor | None]:
+        self, images: Tensor, local_images: Tensor | None, with_cls: bool, with_seg: bool, with_aff: bool
+    ) -> dict[str, Tensor]:
         out = self.net(images, with_seg=with_seg, with_aff=with_aff)
-        local_cams = self.net.forward_cam(local_images) if local_images is not None else None
-        return out, local_cams
+        result: dict[str, Tensor] = {}
+        if with_cls:
+            result.update(cls_logits=out.cls_logits, features=out.features, cams=out.cams)
+        if out.seg_logits is not None:
+            result["seg_logits"] = out.seg_logits
+        if out.aff_pred is not None:
+            result["aff_pred"] = out.aff_pred
+        if local_images is not None:
+            result["local_cams"] = self.net.forward_cam(local_images)
+        return result
 
 
 @dataclass
@@ -108,6 +136,22 @@ class StepOutput:
 
     losses: dict[str, Tensor]
     pseudo: PseudoLabels | None
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA's fp32 matrix products and convolutions (``train.tf32``), process-wide.
+
+    ``False`` sets both to IEEE fp32; note that torch's own default (what a run without ``train.tf32``
+    keeps) is IEEE fp32 for matrix products but TF32 for cuDNN convolutions.
+    """
+    precision = "tf32" if enabled else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
+    else:  # pragma: no cover - older torch
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -186,13 +230,21 @@ class ECATrainer:
         #: images per process and step (``train.batch_size`` is the global batch)
         self.local_batch_size = config.train.batch_size // self.world_size
         self.device = self._select_device(config.train.device)
+        if self.device.type == "cuda" and config.train.tf32:
+            set_tf32(True)
         self._seed_everything(config.train.seed + self.rank)
         m = config.method
 
         self.train_dataset = (
             train_dataset
             if train_dataset is not None
-            else build_dataset(config, config.data.train_split, train=True)
+            else build_dataset(
+                config,
+                config.data.train_split,
+                train=True,
+                uint8=True,  # normalised on the device (train_step)
+                masks=m.fully_supervised,  # weak supervision reads no mask file
+            )
         )
         self.val_dataset = val_dataset
         if self.val_dataset is None and config.train.val_interval > 0:
@@ -217,6 +269,15 @@ class ECATrainer:
             )
         self.par = build_par(config).to(self.device)
         self.labeler = build_pseudo_labeler(config, self.net, self.par, self.dino, self.carm_generator)
+        # train.compile: the training step's PAR (the no-grad pseudo-label block's main cost) is compiled
+        # too; its input sizes are fixed (the crop, and par_slots' few channel counts), so it compiles a
+        # handful of times; validation (one image size after another) keeps the eager PAR
+        self._train_labeler = self.labeler
+        if config.train.compile:
+            compiled_par: Any = torch.compile(self.par, dynamic=False)
+            self._train_labeler = build_pseudo_labeler(
+                config, self.net, compiled_par, self.dino, self.carm_generator
+            )
         self.view_sampler = LocalViewSampler(num_views=m.local_views, size=m.local_size)
         # the training forward's CAM is the multi-scale CAM's unflipped scale-1.0 pass when the backbone's
         # training-mode forward is reproducible (method.reuse_train_cam)
@@ -225,17 +286,17 @@ class ECATrainer:
             or (m.reuse_train_cam == "auto" and not stochastic_layers(self.net.backbone))
         )
 
-        self.forward_module: nn.Module = _TrainForward(self.net)
-        if is_distributed():
-            if self.device.type == "cuda":  # SyncBN (the decoder's BatchNorm) exists for CUDA only
-                self.forward_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.forward_module)
-            self.forward_module = DistributedDataParallel(
-                self.forward_module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
-        if config.train.compile:
-            self.forward_module = torch.compile(self.forward_module)  # type: ignore[assignment]
+        self._train_forward: nn.Module = _TrainForward(self.net)
+        if is_distributed() and self.device.type == "cuda":
+            # SyncBN (the decoder's BatchNorm) exists for CUDA only
+            self._train_forward = nn.SyncBatchNorm.convert_sync_batchnorm(self._train_forward)
+        # the forward of the current phase (classifier warm-up or not), built by _phase_forward
+        self._forward_module: nn.Module | None = None
+        self._forward_phase: bool | None = None
+        # host-side flags (stop signals) travel over gloo, so that agreeing on them never syncs a GPU
+        self._host_group: Any = None
+        if is_distributed() and torch.distributed.get_backend() != "gloo":
+            self._host_group = torch.distributed.new_group(backend="gloo")
         o = config.optim
         self.optimizer = torch.optim.AdamW(
             self.net.param_groups(
@@ -246,6 +307,7 @@ class ECATrainer:
                 decay_groups=o.decay_groups,
             ),
             betas=o.betas,
+            fused=True if o.fused else None,  # optim.fused (the default: foreach)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -280,6 +342,32 @@ class ECATrainer:
             return torch.device("cpu")
         return torch.device(name)
 
+    def _phase_forward(self, warmup: bool) -> nn.Module:
+        """The training forward of the classifier warm-up (``warmup``) or of the main phase.
+
+        Under DDP each phase gets its own wrapper with ``static_graph=True``: the parameters a step uses
+        are the same at every step of a phase (the decoder and the affinity projection rest during the
+        warm-up, the classifier and the affinity projection in the fully supervised bound), so DDP learns
+        the unused ones at the phase's first step instead of searching the autograd graph at every step
+        (``find_unused_parameters``); unused parameters keep no gradient, as in a single process. The
+        wrapper is rebuilt once, at the warm-up boundary (a broadcast of the weights from rank 0, equal
+        anyway).
+        """
+        if self._forward_module is not None and (self._forward_phase == warmup or not is_distributed()):
+            return self._forward_module
+        self._forward_module = None  # drop the previous wrapper (and its gradient hooks) first
+        module = self._train_forward
+        if is_distributed():
+            module = DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                static_graph=True,
+            )
+        if self.cfg.train.compile:
+            module = torch.compile(module)  # type: ignore[assignment]
+        self._forward_module, self._forward_phase = module, warmup
+        return module
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -302,6 +390,7 @@ class ECATrainer:
             sampler=sampler,
             num_workers=cfg.data.num_workers,
             collate_fn=_collate,
+            worker_init_fn=worker_init,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.data.num_workers > 0,
@@ -311,15 +400,34 @@ class ECATrainer:
         )
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: model, prototypes, optimiser, scheduler, RNG, iteration."""
+    def rng_state(self) -> dict[str, Any]:
+        """This process's random state: Python, NumPy, torch's CPU generator and its CUDA device's."""
         rng: dict[str, Any] = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),  # noqa: NPY002
             "torch": torch.get_rng_state(),
         }
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])  # noqa: NPY002
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda_device" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_device"].cpu(), self.device)
+        elif "cuda" in rng and torch.cuda.is_available():  # checkpoints before ecaseg 0.3: every device's
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+    def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, prototypes, optimiser, scheduler, RNG, iteration.
+
+        ``rng_per_rank``: every process's :meth:`rng_state` in rank order (what :meth:`save_checkpoint`
+        gathers under DDP); ``None``: this process's alone. ``rng`` is rank 0's (the format of older
+        checkpoints).
+        """
+        per_rank = rng_per_rank if rng_per_rank is not None else [self.rng_state()]
         return {
             "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.cfg),
@@ -329,7 +437,8 @@ class ECATrainer:
             "carm": self.carm_generator.state_dict() if self.carm_generator is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
+            "rng": per_rank[0],
+            "rng_per_rank": per_rank,
             "history": self.history,
         }
 
@@ -352,30 +461,60 @@ class ECATrainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = int(ckpt["iteration"])
         self.history = list(ckpt.get("history", []))
-        rng = ckpt["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])  # noqa: NPY002
-        torch.set_rng_state(rng["torch"].cpu())
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        # every rank continues its own random stream (CCE views, drop-path, dropout); a checkpoint of
+        # another number of processes cannot be continued exactly: each rank then starts a fresh stream
+        # derived from (train.seed, iteration, rank), distinct per rank and reproducible
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(per_rank) == self.world_size:
+            self._set_rng_state(per_rank[self.rank])
+        else:
+            entropy = [self.cfg.train.seed, self.iteration, self.rank]
+            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            self._seed_everything(seed)
+            if is_main_process():
+                logger.warning(
+                    "the checkpoint holds the random state of %d process(es) and this run has %d: every "
+                    "rank starts a new random stream seeded from (train.seed, iteration %d, rank); the run "
+                    "is not identical to an uninterrupted one",
+                    len(per_rank),
+                    self.world_size,
+                    self.iteration,
+                )
 
     def check_finite(self) -> None:
         """Raise :class:`~ecaseg.errors.TrainingDivergedError` if a loss since the start was non-finite or
-        the weights are (one host synchronisation; called before every checkpoint and validation)."""
-        first_bad = int(self._first_bad_step)
-        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all())
-        if first_bad < 0 and weights_ok:
+        the weights are (one host synchronisation; called before every checkpoint and validation).
+
+        Under DDP this is a collective that every rank calls at the same iteration: the ranks agree on the
+        verdict (the first non-finite loss of any rank), so all of them raise the same error, or none.
+        """
+        world = self.world_size
+        never = torch.iinfo(torch.long).max
+        # the first bad iteration of this rank (1-based), encoded with the rank: iteration * world + rank
+        first_iter = self.iteration - self._steps + self._first_bad_step + 1
+        first_key = torch.where(self._first_bad_step >= 0, first_iter * world + self.rank, never)
+        weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()
+        has_last = is_main_process() and (self.work_dir / "last.pth").is_file()
+        verdict = torch.stack(
+            [first_key, -weights_bad.long(), torch.tensor(-int(has_last), device=self.device)]
+        )
+        if is_distributed():
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
+        key, neg_weights_bad, neg_has_last = verdict.tolist()
+        if key == never and neg_weights_bad == 0:
             return
         last = self.work_dir / "last.pth"
         kept = (
             f"the last good checkpoint is {last} (resume it with --resume after lowering optim.lr or "
             "fixing the data)"
-            if last.is_file()
+            if neg_has_last < 0
             else "no checkpoint was written (lower optim.lr or fix the data, and start again)"
         )
+        bad_iter, bad_rank = divmod(key, world)
         at = (
-            f"the loss became non-finite at iteration {self.iteration - int(self._steps) + first_bad + 1}"
-            if first_bad >= 0
+            f"the loss became non-finite at iteration {bad_iter}"
+            + (f" on rank {bad_rank}" if world > 1 else "")
+            if key != never
             else "the weights became non-finite"
         )
         raise TrainingDivergedError(
@@ -384,13 +523,30 @@ class ECATrainer:
         )
 
     def save_checkpoint(self, name: str = "last.pth") -> Path | None:
-        """Write ``work_dir/name`` atomically (rank 0 only) after :meth:`check_finite`; returns its path."""
+        """Write ``work_dir/name`` atomically (rank 0 only) after :meth:`check_finite`; returns its path.
+
+        Under DDP every rank calls it (it gathers every rank's random state), rank 0 writes, and no rank
+        returns before the file is complete.
+        """
         self.check_finite()
-        if not is_main_process():
-            return None
+        rng_per_rank = all_gather_objects(self.rng_state())
         path = self.work_dir / name
-        atomic_save_torch(self.state_dict(), path)
-        return path
+        if not is_distributed():
+            atomic_save_torch(self.state_dict(rng_per_rank), path)
+            return path
+        failed = torch.zeros(1, dtype=torch.long)  # rank 0's outcome, agreed by every rank (no hang)
+        error: BaseException | None = None
+        if is_main_process():
+            try:
+                atomic_save_torch(self.state_dict(rng_per_rank), path)
+            except BaseException as err:  # a full disk, a read-only folder: every rank stops
+                failed[0], error = 1, err
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        if error is not None:
+            raise error
+        if int(failed[0]):
+            raise CheckpointError(f"rank 0 could not write the checkpoint {path} (see its error)")
+        return path if is_main_process() else None
 
     # ------------------------------------------------------------------ the step
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
@@ -398,6 +554,9 @@ class ECATrainer:
         cfg, m = self.cfg, self.cfg.method
         device = self.device
         images = batch["image"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # uint8 crops (a quarter of the bytes): normalised here, exactly
+            box = batch.get("crop_box")
+            images = normalize_crops(images, None if box is None else box.to(device, non_blocking=True))
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # the most labels of one image, read from the host-side batch (no device sync): PAR refines only
@@ -407,6 +566,8 @@ class ECATrainer:
             if m.compact_par and batch["label"].device.type == "cpu"
             else None
         )
+        if max_labels is not None and cfg.train.compile:  # a few fixed PAR sizes (exact; no recompiles)
+            max_labels = par_slots(max_labels, batch["label"].shape[1])
         labels = batch["label"].to(device, non_blocking=True).float()
         crop_box = batch["crop_box"].to(device, non_blocking=True) if "crop_box" in batch else None
         warmup = self.iteration < cfg.train.cls_warmup_iters
@@ -414,11 +575,12 @@ class ECATrainer:
         pseudo: PseudoLabels | None = None
         amp = autocast_context(device, cfg.train.amp)
 
+        forward = self._phase_forward(warmup)
         if m.fully_supervised:
             masks = batch["mask"].to(device, non_blocking=True)
             with amp:
-                out, _ = self.forward_module(images, None, True, False)
-            losses["seg"] = segmentation_loss(out.seg_logits, masks, balanced=False)
+                out = forward(images, None, False, True, False)
+            losses["seg"] = segmentation_loss(out["seg_logits"], masks, balanced=False)
             total = losses["seg"]
         else:
             need_cce = m.use_cce and not warmup
@@ -430,16 +592,17 @@ class ECATrainer:
                 views = self.view_sampler(images)
                 local_images = views.images.flatten(0, 1)
             with amp:
-                out, local_cams = self.forward_module(images, local_images, need_seg, need_aff)
-            losses["cls"] = classification_loss(out.cls_logits, labels)
+                out = forward(images, local_images, True, need_seg, need_aff)
+            local_cams = out.get("local_cams")
+            losses["cls"] = classification_loss(out["cls_logits"], labels)
             total = losses["cls"]
             if not warmup:
                 with amp:
-                    pseudo = self.labeler(
+                    pseudo = self._train_labeler(
                         images,
                         labels,
                         crop_box=crop_box,
-                        features=out.features.detach(),
+                        features=out["features"].detach(),
                         with_band=need_cce or m.aff_source != "none" or m.cam_seg_label != "alpha",
                         with_carm=self.use_dino,
                         update_prototypes=True,
@@ -450,11 +613,11 @@ class ECATrainer:
                     seg = torch.zeros((), device=device)
                     if m.use_cam_seg:
                         losses["seg_cam"] = segmentation_loss(
-                            out.seg_logits, self._cam_seg_target(pseudo, images, labels, crop_box)
+                            out["seg_logits"], self._cam_seg_target(pseudo, images, labels, crop_box)
                         )
                         seg = seg + losses["seg_cam"]
                     if m.use_carm_seg and pseudo.carm_label is not None:
-                        losses["seg_carm"] = segmentation_loss(out.seg_logits, pseudo.carm_label)
+                        losses["seg_carm"] = segmentation_loss(out["seg_logits"], pseudo.carm_label)
                         seg = seg + losses["seg_carm"]
                     total = total + m.lambda_seg * seg
                 if need_cce and local_cams is not None and views is not None:
@@ -471,12 +634,12 @@ class ECATrainer:
                         validate=False,
                     )
                     total = total + m.lambda_cce * losses["cce"]
-                if need_aff and out.aff_pred is not None:
+                if need_aff and "aff_pred" in out:
                     source = pseudo.carm_label_band if m.aff_source == "carm" else pseudo.cam_label_band
                     assert source is not None
-                    grid = out.features.shape[-2:]
+                    grid = out["features"].shape[-2:]
                     aff_target = affinity_labels(downsample_label(source, grid), radius=m.aff_radius)
-                    losses["aff"] = affinity_loss(out.aff_pred.float(), aff_target)
+                    losses["aff"] = affinity_loss(out["aff_pred"].float(), aff_target)
                     total = total + m.lambda_aff * losses["aff"]
         losses["total"] = total
         bad = ~torch.isfinite(total.detach())
@@ -491,12 +654,13 @@ class ECATrainer:
         self.iteration += 1
         return StepOutput({k: v.detach() for k, v in losses.items()}, pseudo)
 
-    def _train_cam(self, out: Any) -> Tensor:
+    def _train_cam(self, out: dict[str, Tensor]) -> Tensor:
         """The training forward's scale-1.0 CAM as ``forward_cam`` gives it (before the ReLU: AFA's rule)."""
         if self.cfg.method.cam_rule != "afa":
-            return out.cams.detach()
+            return out["cams"].detach()
+        features = out["features"].detach()
         weight = self.net.classifier.weight.detach()
-        return torch.nn.functional.conv2d(out.features.detach(), weight.to(out.features.dtype))
+        return torch.nn.functional.conv2d(features, weight.to(features.dtype))
 
     def _cam_seg_target(
         self, pseudo: PseudoLabels, images: Tensor, labels: Tensor, crop_box: Tensor | None
@@ -510,7 +674,7 @@ class ECATrainer:
             return pseudo.cam_label_band
         cams = pseudo.cams_refined if pseudo.cams_refined is not None else pseudo.cams
         with autocast_context(self.device, self.cfg.train.amp):
-            return self.labeler.random_walk_label(images, labels, cams, crop_box, radius=m.aff_radius)
+            return self._train_labeler.random_walk_label(images, labels, cams, crop_box, radius=m.aff_radius)
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -588,7 +752,7 @@ class ECATrainer:
                 it = self.iteration
                 bar.update(1)
                 if it % cfg.train.log_interval == 0 or it == cfg.train.max_iters:
-                    values = {k: float(v) for k, v in step.losses.items()}  # host sync only when logging
+                    values = self._logged_losses(step.losses)  # host sync only when logging
                     if not all(math.isfinite(v) for v in values.values()):
                         self.check_finite()
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -621,11 +785,11 @@ class ECATrainer:
                                 if not math.isnan(value):
                                     writer.add_scalar(f"val/{key}", value, it)
                             self._log_images(writer, step, batch, it)
-                if self._stop_signal is not None:
+                stop = self._agreed_stop_signal()
+                if stop is not None:
+                    self._stop_signal = stop
                     if main:
-                        logger.warning(
-                            "signal %d received: checkpoint at iteration %d", self._stop_signal, it
-                        )
+                        logger.warning("signal %d received: checkpoint at iteration %d", stop, it)
                     self.save_checkpoint()
                     raise KeyboardInterrupt
         finally:
@@ -643,6 +807,27 @@ class ECATrainer:
                 json.dumps({"final": last_metrics, "history": self.history}, indent=2),
             )
         return last_metrics
+
+    def _logged_losses(self, losses: dict[str, Tensor]) -> dict[str, float]:
+        """The step's losses as floats, averaged over the processes: one all-reduce and one host transfer.
+
+        Every rank gets the same values, so a non-finite loss on any rank is seen by all of them (and
+        :meth:`check_finite` runs everywhere or nowhere).
+        """
+        keys = list(losses)
+        stacked = torch.stack([losses[k].float() for k in keys])
+        if is_distributed():
+            stacked = all_reduce_sum(stacked) / self.world_size
+        return dict(zip(keys, stacked.tolist()))
+
+    def _agreed_stop_signal(self) -> int | None:
+        """The stop signal any rank received (one small gloo all-reduce of host memory under DDP, no GPU
+        sync), so that every rank stops at the same iteration; ``None``: carry on."""
+        if not is_distributed():
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.long)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        return int(flag[0]) or None
 
     # ------------------------------------------------------------------ logging
     def _setup_logging(self) -> None:
@@ -664,16 +849,20 @@ class ECATrainer:
         if step.pseudo is None:
             return
         n = min(self.cfg.train.num_vis_images, batch["image"].shape[0])
+        images = batch["image"][:n]
+        if images.dtype == torch.uint8:
+            box = batch.get("crop_box")
+            images = normalize_crops(images, None if box is None else box[:n])
         # eval mode: under DDP the decoder's SyncBatchNorm is a collective in training mode, and this
         # forward runs on rank 0 only; in eval mode it uses the running statistics and talks to no one
         was_training = self.net.training
         self.net.eval()
         try:
             with torch.no_grad():
-                pred = self.net.forward_seg(batch["image"][:n].to(self.device)).argmax(1)
+                pred = self.net.forward_seg(images.to(self.device)).argmax(1)
         finally:
             self.net.train(was_training)
-        grid = training_panels(batch["image"][:n], step.pseudo, pred, n, class_names=self.class_names or None)
+        grid = training_panels(images, step.pseudo, pred, n, class_names=self.class_names or None)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
 
 
