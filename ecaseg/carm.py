@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ecaseg._checks import (
@@ -562,7 +563,7 @@ class CARMGenerator(nn.Module):
             if self.validate:
                 check_finite(dino.tokens, "dino.tokens")
             return dino.tokens.detach().float()
-        return _resize(features.detach().float(), grid).flatten(2).transpose(1, 2)
+        return rearrange(_resize(features.detach().float(), grid), "b c h w -> b (h w) c")
 
     @torch.no_grad()
     def forward(
@@ -598,7 +599,9 @@ class CARMGenerator(nn.Module):
         cam_hw = (cams.shape[-2], cams.shape[-1])
         update = self.training if update_prototypes is None else bool(update_prototypes)
         with _no_autocast(cams.device):
-            fg = _resize(cams.float() * present[:, 1:, None, None].float(), (hd, wd)).flatten(2)
+            fg = rearrange(
+                _resize(cams.float() * present[:, 1:, None, None].float(), (hd, wd)), "b k h w -> b k (h w)"
+            )
             scores = torch.cat([background_cam(fg), fg], dim=1)  # [B, K, N]
             seeds = select_seeds(scores, labels, self.k)
             cue: Tensor | None = None
@@ -609,7 +612,9 @@ class CARMGenerator(nn.Module):
             # Eq. (6)-(7) from the graph's seed rows only (seed_degree): the [B, N, N] graph is never built
             degree = seed_degree(seeds, dino.keys, self.gamma, self.k)
             carm_d = _apply_cue(degree, cue, self.clamp_fg_cue)
-            carm_raw = minmax_normalize(_resize(carm_d.view(batch, -1, hd, wd), cam_hw))
+            carm_raw = minmax_normalize(
+                _resize(rearrange(carm_d, "b k (h w) -> b k h w", h=hd, w=wd), cam_hw)
+            )
             if not self.calibrate or self.prototypes is None:
                 return CARMOutput(carm=carm_raw, carm_raw=carm_raw, seeds=seeds)
             tokens = self._tokens(dino, features, (hd, wd))
@@ -618,7 +623,9 @@ class CARMGenerator(nn.Module):
             calibrated = calibrate_carm(
                 carm_d, tokens, self.prototypes.prototypes, self.prototypes.initialized, labels
             )
-            carm = minmax_normalize(_resize(calibrated.view(batch, -1, hd, wd), cam_hw))
+            carm = minmax_normalize(
+                _resize(rearrange(calibrated, "b k (h w) -> b k h w", h=hd, w=wd), cam_hw)
+            )
         return CARMOutput(carm=carm, carm_raw=carm_raw, seeds=seeds)
 
     def extra_repr(self) -> str:
