@@ -897,7 +897,7 @@ class DINOAffinity(nn.Module):
 
     @property
     def carm_settings(self) -> CARMSettings:
-        """The CARM settings that suit this ViT (its variant's :attr:`DINOVariant.carm`).
+        """The CARM settings that suit this ViT (the ``carm`` field of its :class:`DINOVariant`).
 
         Example:
             >>> DINOAffinity("vit_nano_p8_synthetic").carm_settings.gamma

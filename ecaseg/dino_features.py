@@ -5,7 +5,8 @@
 It lives apart from :mod:`ecaseg.dino_affinity` (which needs timm) so that ``import ecaseg.carm`` stays light.
 
 :class:`CARMSettings` lives here for the same reason: each affinity ViT carries the CARM settings that suit
-it (:attr:`ecaseg.dino_affinity.DINOVariant.carm`), and :meth:`ecaseg.carm.CARMGenerator.for_affinity`
+it (the ``carm`` field of :class:`ecaseg.dino_affinity.DINOVariant`), and
+:meth:`ecaseg.carm.CARMGenerator.for_affinity`
 builds the generator from them.
 """
 
@@ -21,7 +22,10 @@ from torch import Tensor
 __all__ = ["FG_CUES", "PAPER_CARM_SETTINGS", "CARMSettings", "DINOFeatures", "FgCue"]
 
 FgCue = Literal["cls", "contrast", "none"]
-"""Foreground cue of Eq. (7): Eq. (5)'s class-token cue (paper), the key-contrast cue, or none."""
+"""Which foreground cue multiplies the CARM in Eq. 7.
+
+``"cls"`` is the class-token cue of Eq. 5 (the paper), ``"contrast"`` the key contrast, ``"none"`` no cue.
+"""
 
 FG_CUES: tuple[FgCue, ...] = get_args(FgCue)
 """The values of :data:`FgCue`."""
@@ -34,7 +38,8 @@ class CARMSettings:
     A ViT's affinity distribution decides its graph threshold ``gamma`` (the paper's 0.15 suits DINO ViT-S/8,
     whose key cosines between unrelated patches are low; a small in-domain ViT needs about 0.9), and whether
     its class token finds the objects decides the foreground cue. Each registered variant carries its own
-    (:attr:`ecaseg.dino_affinity.DINOVariant.carm`); :meth:`ecaseg.carm.CARMGenerator.for_affinity` uses
+    (the ``carm`` field of :class:`ecaseg.dino_affinity.DINOVariant`);
+    :meth:`ecaseg.carm.CARMGenerator.for_affinity` uses
     them unless the caller overrides a field. For a ViT of your own, measure them with
     :func:`ecaseg.refine.search_carm_settings` on a few labelled images (docs, "Bring your own CAMs").
 

@@ -44,9 +44,6 @@ from ecaseg.dino_features import FG_CUES, CARMSettings, DINOFeatures, FgCue
 from ecaseg.metrics import SegmentationMetric
 from ecaseg.par import PAR
 
-if TYPE_CHECKING:
-    from ecaseg.dino_affinity import DINOAffinity
-
 __all__ = [
     "DEFAULT_METHOD",
     "REFINE_METHODS",
@@ -177,11 +174,11 @@ class CAMRefiner(nn.Module):
         self,
         num_classes: int,
         method: RefineMethod = DEFAULT_METHOD,
-        dino: DINOAffinity | Callable[[Tensor], DINOFeatures] | None = None,
+        dino: Callable[[torch.Tensor], DINOFeatures] | None = None,
         *,
         alpha: float = 0.5,
         carm: CARMGenerator | None = None,
-        par: nn.Module | None = None,
+        par: torch.nn.Module | None = None,
         crf_params: CRFParams | None = None,
         crf_workers: int | None = None,
         rw_power: float = 16.0,
@@ -294,7 +291,7 @@ def refine_cams(
     cams: Tensor,
     labels: Tensor,
     method: RefineMethod = DEFAULT_METHOD,
-    dino: DINOAffinity | Callable[[Tensor], DINOFeatures] | None = None,
+    dino: Callable[[torch.Tensor], DINOFeatures] | None = None,
     **kwargs: Any,
 ) -> RefineOutput:
     """Functional form of :class:`CAMRefiner` (``num_classes`` from the CAMs: ``C + 1``).
@@ -308,7 +305,7 @@ def refine_cams(
 
 
 def search_carm_settings(
-    dino: DINOAffinity | Callable[[Tensor], DINOFeatures],
+    dino: Callable[[torch.Tensor], DINOFeatures],
     images: Sequence[Tensor] | Tensor,
     cams: Sequence[Tensor] | Tensor,
     labels: Sequence[Tensor] | Tensor,

@@ -21,13 +21,14 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import ResNet
 
-from ecaseg.data.io import read_image, read_mask
+from ecaseg.data.io import read_image
 from ecaseg.data.synthetic import write_synthetic_dataset
 from ecaseg.engine.builders import build_dataset
 from ecaseg.engine.config import load_config
@@ -43,9 +44,11 @@ def _split(root: Path, name: str) -> list[str]:
     return (root / f"{name}.txt").read_text(encoding="utf-8").split()
 
 
-def train_classifier(root: Path, ids: list[str], num_fg: int, iters: int, seed: int) -> torch.nn.Module:
+def train_classifier(root: Path, ids: list[str], num_fg: int, iters: int, seed: int) -> ResNet:
     """A timm ResNet (packaged classification-pretrained encoder) + a fresh GAP/linear head."""
-    net = timm.create_model("test_resnet", num_classes=num_fg, output_stride=16, pretrained=False)
+    net = cast(
+        ResNet, timm.create_model("test_resnet", num_classes=num_fg, output_stride=16, pretrained=False)
+    )
     state = torch.load(packaged_asset("test_resnet_synthetic_cls.pth"), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=False)  # the encoder; the head is new
     images = torch.stack([torch.from_numpy(read_image(root / "images" / f"{i}.png")) for i in ids])
@@ -60,7 +63,7 @@ def train_classifier(root: Path, ids: list[str], num_fg: int, iters: int, seed: 
     opt = torch.optim.AdamW(
         [
             {"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")], "lr": 1e-3},
-            {"params": list(net.fc.parameters()), "lr": 1e-2},
+            {"params": [p for n, p in net.named_parameters() if n.startswith("fc.")], "lr": 1e-2},
         ],
         weight_decay=0.01,
     )
@@ -77,7 +80,7 @@ def train_classifier(root: Path, ids: list[str], num_fg: int, iters: int, seed: 
 
 
 @torch.no_grad()
-def save_cams(net: torch.nn.Module, root: Path, ids: list[str], cams_dir: Path) -> None:
+def save_cams(net: ResNet, root: Path, ids: list[str], cams_dir: Path) -> None:
     """IRN-style CAM files: ReLU(W f) of the image and its flip, at the image size, each map / its max."""
     names = (root / "classes.txt").read_text(encoding="utf-8").split()
     labels_json = json.loads((root / "labels.json").read_text(encoding="utf-8"))
@@ -121,9 +124,13 @@ def train_on_pseudo_labels(root: Path, pseudo: Path, work: Path, seed: int, iter
     return float(scores["miou"])
 
 
-def run_seed(seed: int, out: Path, iters: int, cls_iters: int, methods: Sequence[str]) -> dict[str, Any]:
+def run_seed(
+    seed: int, out: Path, iters: int, cls_iters: int, methods: Sequence[str], sizes: Sequence[str] = ()
+) -> dict[str, Any]:
     # the benchmark of `ecaseg demo --seed SEED` (400 training and 100 val images of 128 px)
-    config = build_dataset(load_config("synthetic", seed_overrides(seed)), "val", train=False).config  # type: ignore[attr-defined]
+    config = build_dataset(
+        load_config("synthetic", [*seed_overrides(seed), *sizes]), "val", train=False
+    ).config  # type: ignore[attr-defined]
     root = write_synthetic_dataset(out / f"seed{seed}" / "data", config)
     labels = json.loads((root / "labels.json").read_text(encoding="utf-8"))
     for split in ("train", "val"):
@@ -156,7 +163,8 @@ def run_seed(seed: int, out: Path, iters: int, cls_iters: int, methods: Sequence
         seg = train_on_pseudo_labels(root, pseudo, out / f"seed{seed}" / f"seg_{method}", seed, iters)
         result[method] = {"pseudo_label_miou": summary["miou"], "seg_miou": seg}
         print(
-            f"seed {seed} {method}: pseudo-labels {100 * summary['miou']:.1f} %, segmentation {100 * seg:.1f} %"
+            f"seed {seed} {method}: pseudo-labels {100 * summary['miou']:.1f} %, "
+            f"segmentation {100 * seg:.1f} %"
         )
     return result
 
@@ -168,10 +176,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=500, help="segmentation training iterations")
     parser.add_argument("--cls-iters", type=int, default=300, help="classifier training iterations")
     parser.add_argument("--methods", default=f"threshold,{DEFAULT_METHOD}")
+    parser.add_argument("--num-train", type=int, default=400, help="training images (the demo's 400)")
+    parser.add_argument("--num-val", type=int, default=100, help="val images (the demo's 100)")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    sizes = [f"data.synthetic_num_train={args.num_train}", f"data.synthetic_num_val={args.num_val}"]
     runs = {
-        f"seed{s}": run_seed(int(s), args.out, args.iters, args.cls_iters, methods)
+        f"seed{s}": run_seed(int(s), args.out, args.iters, args.cls_iters, methods, sizes)
         for s in args.seeds.split(",")
     }
     summary = {

@@ -126,3 +126,16 @@ def test_train_voc_example_trains_from_official_checkpoint_files(tmp_path: Path)
     start = torch.load(mit, weights_only=True)["patch_embed1.proj.weight"]
     trained = ckpt["model"]["backbone.patch_embed1.proj.weight"]
     assert torch.allclose(start, trained, atol=1e-2)
+
+
+def test_multistage_refine_example_end_to_end(tmp_path: Path) -> None:
+    """classifier -> IRN-style CAM files -> ecaseg refine -> supervised training on the PNGs -> val mIoU."""
+    out = load("multistage_refine").main(
+        ["--seeds", "0", "--out", str(tmp_path), "--iters", "2", "--cls-iters", "2"]
+        + ["--num-train", "12", "--num-val", "4"]
+    )
+    for method in ("threshold", "carm_par"):
+        run = out["runs"]["seed0"][method]
+        assert 0.0 <= run["pseudo_label_miou"] <= 1.0 and 0.0 <= run["seg_miou"] <= 1.0
+        assert len(list((tmp_path / "seed0" / f"pseudo_{method}").glob("*.png"))) == 12
+    assert (tmp_path / "multistage.json").is_file()

@@ -18,6 +18,7 @@ from ecaseg.engine.refine import RefineJob, precision_recall, read_cam_file, ref
 from ecaseg.errors import DatasetError
 from ecaseg.refine import DEFAULT_METHOD, REFINE_METHODS
 
+RNG = np.random.default_rng(0)
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
@@ -81,10 +82,10 @@ def test_reads_both_dict_layouts_and_plain_arrays(tmp_path: Path) -> None:
     f = read_cam_file(tmp_path / "low.npy", num_fg=4, image_size=(16, 12))
     assert tuple(f.cams.shape) == (4, 4, 3) and float(f.cams[1].max()) == pytest.approx(1.0)
     # a plain [C, H, W] array and an .npz with its labels from the labels file
-    np.save(tmp_path / "plain.npy", np.random.rand(4, 16, 12).astype(np.float32))
+    np.save(tmp_path / "plain.npy", RNG.random((4, 16, 12), dtype=np.float32))
     f = read_cam_file(tmp_path / "plain.npy", 4, (16, 12), labels=np.array([0, 1, 1, 0]))
     assert f.layout == "array" and f.cams[0].abs().sum() == 0 and float(f.cams[1].max()) == pytest.approx(1.0)
-    np.savez(tmp_path / "z.npz", cam=np.random.rand(4, 16, 12).astype(np.float32))
+    np.savez(tmp_path / "z.npz", cam=RNG.random((4, 16, 12), dtype=np.float32))
     assert read_cam_file(tmp_path / "z.npz", 4, (16, 12), labels=np.array([1, 0, 0, 0])).layout == "array"
 
 
@@ -112,7 +113,7 @@ def test_malformed_files_name_the_file(tmp_path: Path, payload: object, message:
 def test_truncated_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "cut.npy"
     path.write_bytes(b"\x93NUMPY garbage")
-    with pytest.raises(DatasetError, match="cannot read CAM file .*cut.npy"):
+    with pytest.raises(DatasetError, match=r"cannot read CAM file .*cut.npy"):
         read_cam_file(path, 4)
 
 
@@ -142,19 +143,19 @@ def test_refine_writes_labels_metrics_and_resumes(dataset: dict[str, Path], tmp_
 def test_refine_refuses_unsafe_outputs(dataset: dict[str, Path], tmp_path: Path) -> None:
     from ecaseg.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="inside the input folder --images"):
+    with pytest.raises(ConfigError, match=r"inside the input folder --images"):
         refine_folder(_job(dataset, dataset["images"] / "labels"))
-    with pytest.raises(ConfigError, match="inside the input folder --cams"):
+    with pytest.raises(ConfigError, match=r"inside the input folder --cams"):
         refine_folder(_job(dataset, dataset["cams"]))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty and holds no refine.json"):
+    with pytest.raises(ConfigError, match=r"not empty and holds no refine.json"):
         refine_folder(_job(dataset, mine))
     assert (mine / "thesis.tex").read_text() == "mine"
     out = tmp_path / "run"
     refine_folder(_job(dataset, out))
-    with pytest.raises(ConfigError, match="another refine run .*method"):
+    with pytest.raises(ConfigError, match=r"another refine run .*method"):
         refine_folder(_job(dataset, out, method="carm"))
 
 
@@ -194,7 +195,7 @@ def test_plain_arrays_with_a_labels_file(dataset: dict[str, Path], tmp_path: Pat
     labels = json.loads((dataset["root"] / "labels.json").read_text())
     ids = (dataset["root"] / "val.txt").read_text().split()
     for i in ids:
-        np.save(cams / f"{i}.npy", np.random.rand(5, 8, 8).astype(np.float32))
+        np.save(cams / f"{i}.npy", RNG.random((5, 8, 8), dtype=np.float32))
     summary = refine_folder(
         _job(
             dataset,
