@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -181,69 +182,93 @@ class _Lattice:
         bary[:, 0] += 1.0 + bary[:, d + 1]
         self.weights = bary[:, : d + 1].contiguous()
         # Vertex keys (first d coordinates; the last one is implied): rem0 + canonical[remainder, rank].
-        r = torch.arange(d + 1, device=device)
-        canonical = torch.where(idx[None, :] <= d - r[:, None], r[:, None], r[:, None] - (d + 1))
-        keys = rem0.long()[:, None, :d] + canonical[r[None, :, None], rank[:, None, :d]]  # [P, d+1, d]
+        # canonical[r, k] = r if k <= d - r else r - (d + 1)  (the canonical simplex)
+        r = idx.view(1, d + 1, 1)
+        low = rank[:, None, :d]
+        keys = rem0.long()[:, None, :d] + r - (d + 1) * (low > d - r).long()  # [P, d+1, d]
         if groups is not None:
             keys = torch.cat([groups.long().view(-1, 1, 1).expand(-1, d + 1, 1), keys], dim=2)
-        self.offset, self.neighbours, self.num_vertices = _hash_vertices(keys.reshape(-1, keys.shape[-1]), d)
-        self.offset = self.offset.view(num_points, d + 1)
-        self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
+        offset, order, neighbours, m = _hash_vertices(keys.reshape(-1, keys.shape[-1]), d)
+        self.num_vertices = m
+        # Splat and slice as sparse CSR matrices (one SpMM each, on the CPU and CUDA alike); the lattice
+        # holds M + 1 rows, the last one always zero (where absent neighbours point).
+        alpha = 1.0 / (1.0 + 2.0 ** (-d))  # pydensecrf's "magic scaling constant" of the slice
+        weights = self.weights.reshape(-1)
+        counts = torch.bincount(offset, minlength=m + 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            self.slice = torch.sparse_csr_tensor(
+                torch.arange(0, num_points * (d + 1) + 1, d + 1, device=device),
+                offset,
+                weights * alpha,
+                size=(num_points, m + 1),
+            )
+            self.splat = torch.sparse_csr_tensor(
+                torch.cat([offset.new_zeros(1), counts.cumsum(0)]),
+                torch.div(order, d + 1, rounding_mode="floor"),
+                weights[order],
+                size=(m + 1, num_points),
+            )
+        self.neighbours = neighbours  # [d + 1, 2, M + 1]
 
     def filter(self, values: Tensor) -> Tensor:
         """Splat ``[P, C]`` values onto the lattice, blur along each axis with ``[1/2, 1, 1/2]``, slice back."""
-        num_vertices, channels = self.num_vertices, values.shape[1]
-        lattice = values.new_zeros(num_vertices + 1, channels)  # the last row stands for absent vertices
-        for r in range(self.d + 1):
-            lattice.index_add_(0, self.offset[:, r], values * self.weights[:, r, None])
-        for axis in range(self.d + 1):
-            n1, n2 = self.neighbours[axis]
-            lattice = lattice + 0.5 * (lattice.index_select(0, n1) + lattice.index_select(0, n2))
-        out = values.new_zeros(values.shape)
-        weights = self.weights * self.alpha
-        for r in range(self.d + 1):
-            out.addcmul_(lattice.index_select(0, self.offset[:, r]), weights[:, r, None])
-        return out
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            lattice = self.splat @ values
+            for n1, n2 in self.neighbours:  # new = old + (old[n1] + old[n2]) / 2, axis after axis
+                lattice = torch.add(lattice, lattice.index_select(0, n1).add_(lattice.index_select(0, n2)), alpha=0.5)
+            return self.slice @ lattice
 
 
-def _hash_vertices(rows: Tensor, d: int) -> tuple[Tensor, Tensor, int]:
+def _hash_vertices(rows: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """Unique vertices of the integer key ``rows`` ``[R, c]`` (the last ``d`` columns are lattice
-    coordinates): the index of each row's vertex, the ``[d + 1, 2, M + 1]`` blur neighbours of every vertex
-    (``M`` where absent, also for the extra zero row ``M``), and ``M``."""
+    coordinates).
+
+    Returns:
+        the vertex index of each row; a permutation that sorts the rows by vertex; the ``[d + 1, 2, M + 1]``
+        blur neighbours of each vertex along each axis (``M`` where absent, and for the padding row ``M``);
+        ``M``.
+    """
     cols = rows.shape[1]
+    device = rows.device
     lat = cols - d  # leading group columns
     # Neighbour along axis j: every coordinate -1 and coordinate j +d (n1), or the opposite (n2); axis d
     # moves all coordinates by -1 / +1.
-    deltas = torch.full((d + 1, cols), -1, dtype=torch.long, device=rows.device)
+    deltas = torch.full((d + 1, cols), -1, dtype=torch.long, device=device)
     deltas[:, :lat] = 0
     deltas[torch.arange(d), lat + torch.arange(d)] = d
     lo = rows.amin(dim=0) - (d + 1)
-    radix = rows.amax(dim=0) + (d + 1) - lo + 1
-    if math.prod(radix.tolist()) < _PACK_LIMIT:
-        mult = torch.ones(cols, dtype=torch.long, device=rows.device)
-        for c in range(cols - 2, -1, -1):
-            mult[c] = mult[c + 1] * radix[c + 1]
+    radix = (rows.amax(dim=0) + (d + 1) - lo + 1).tolist()
+    if math.prod(radix) < _PACK_LIMIT:
+        mult_list = [math.prod(radix[c + 1 :]) for c in range(cols)]
+        mult = torch.tensor(mult_list, dtype=torch.long, device=device)
         codes = ((rows - lo) * mult).sum(dim=1)
-        verts, offset = torch.unique(codes, sorted=True, return_inverse=True)
+        sorted_codes, order = torch.sort(codes)
+        first = torch.ones_like(sorted_codes, dtype=torch.bool)
+        first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        verts = sorted_codes[first]
         m = verts.numel()
+        offset = torch.empty_like(order)
+        offset[order] = first.cumsum(0) - 1
         step = (deltas * mult).sum(dim=1)  # [d+1]
         query = torch.stack([verts[None, :] + step[:, None], verts[None, :] - step[:, None]], dim=1)
         pos = torch.searchsorted(verts, query).clamp_(max=m - 1)
-        found = verts[pos] == query
-        neighbours = torch.where(found, pos, torch.full_like(pos, m))
+        neighbours = torch.where(verts[pos] == query, pos, torch.full_like(pos, m))
     else:
         verts_rows, offset = torch.unique(rows, dim=0, return_inverse=True)
+        order = torch.argsort(offset, stable=True)
         m = verts_rows.shape[0]
         query_rows = torch.stack(
             [verts_rows[None] + deltas[:, None], verts_rows[None] - deltas[:, None]], dim=1
         )  # [d+1, 2, M, c]
         everything = torch.cat([verts_rows, query_rows.reshape(-1, cols)])
         _, inverse = torch.unique(everything, dim=0, return_inverse=True)
-        lookup = torch.full((int(inverse.max()) + 1,), m, dtype=torch.long, device=rows.device)
-        lookup[inverse[:m]] = torch.arange(m, device=rows.device)
+        lookup = torch.full((int(inverse.max()) + 1,), m, dtype=torch.long, device=device)
+        lookup[inverse[:m]] = torch.arange(m, device=device)
         neighbours = lookup[inverse[m:]].view(d + 1, 2, m)
-    pad = torch.full((d + 1, 2, 1), m, dtype=torch.long, device=rows.device)
-    return offset, torch.cat([neighbours, pad], dim=2), m
+    pad = torch.full((d + 1, 2, 1), m, dtype=torch.long, device=device)
+    return offset, order, torch.cat([neighbours, pad], dim=2), m
 
 
 def permutohedral_filter(features: Tensor, values: Tensor, groups: Tensor | None = None) -> Tensor:
