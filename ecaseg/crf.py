@@ -101,7 +101,9 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def resolve_crf_backend(backend: str, device: torch.device | str | None = None) -> Literal["torch", "pydensecrf"]:
+def resolve_crf_backend(
+    backend: str, device: torch.device | str | None = None
+) -> Literal["torch", "pydensecrf"]:
     """The backend that ``backend`` means for inputs on ``device``.
 
     ``"auto"`` is ``"torch"`` on CUDA and, on the CPU, ``"pydensecrf"`` when it is installed, else
@@ -116,7 +118,8 @@ def resolve_crf_backend(backend: str, device: torch.device | str | None = None) 
     """
     if backend not in CRF_BACKENDS:
         raise ConfigError(
-            f"invalid dense-CRF backend {backend!r} (eval.crf_backend); valid choices: {', '.join(CRF_BACKENDS)}"
+            f"invalid dense-CRF backend {backend!r} (eval.crf_backend); "
+            f"valid choices: {', '.join(CRF_BACKENDS)}"
         )
     device_type = torch.device(device).type if device is not None else "cpu"
     if backend == "torch" or (backend == "auto" and device_type == "cuda"):
@@ -212,12 +215,14 @@ class _Lattice:
         self.neighbours = neighbours  # [d + 1, 2, M + 1]
 
     def filter(self, values: Tensor) -> Tensor:
-        """Splat ``[P, C]`` values onto the lattice, blur along each axis with ``[1/2, 1, 1/2]``, slice back."""
+        """Splat ``[P, C]`` values onto the lattice, blur each axis with ``[1/2, 1, 1/2]``, slice back."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
             lattice = self.splat @ values
             for n1, n2 in self.neighbours:  # new = old + (old[n1] + old[n2]) / 2, axis after axis
-                lattice = torch.add(lattice, lattice.index_select(0, n1).add_(lattice.index_select(0, n2)), alpha=0.5)
+                lattice = torch.add(
+                    lattice, lattice.index_select(0, n1).add_(lattice.index_select(0, n2)), alpha=0.5
+                )
             return self.slice @ lattice
 
 
