@@ -161,3 +161,16 @@ def test_ablation_row_groups_and_tag() -> None:
     moved = changes("demo", "demo_msc")
     assert {key for _, key in moved} == {"cam_scales"}
     assert all(value == paper_value(sec, key) for (sec, key), value in moved.items())
+
+
+def test_crf_speed_records_both_backends(tmp_path: Path) -> None:
+    from ecaseg.crf import pydensecrf_available
+
+    args = ["--height", "30", "--width", "40", "--classes", "3", "--repeats", "1", "--batch", "2"]
+    _run("crf_speed.py", *args, "--results-dir", str(tmp_path))
+    (path,) = tmp_path.glob("crf-cpu-*.json")
+    payload = json.loads(path.read_text())
+    figures = payload["figures"]
+    assert figures["torch_ms_per_image"]["median_ms"] > 0 and payload["settings"]["classes"] == 3
+    if pydensecrf_available():
+        assert figures["label_agreement"] >= 0.99 and figures["pydensecrf_ms_per_image"]["median_ms"] > 0
