@@ -15,6 +15,7 @@ largest difference of their marginals. Writes ``results/crf-<device>-<date>.json
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def main() -> None:
     else:
         device = torch.device(args.device)
     params = CRFParams(iterations=args.iterations)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cpu = torch.device("cpu")
 
     image, probs = inputs(args.height, args.width, args.classes, seed=0)
@@ -107,6 +109,8 @@ def main() -> None:
         "threads": args.threads,
         "params": vars(params),
         "pydensecrf_device": device_name(cpu) if pydensecrf_available() else None,
+        # other work on the machine slows both backends: the 1-minute load average before and after
+        "load_average": [load_before, os.getloadavg()[0]] if hasattr(os, "getloadavg") else None,
     }
     print(record("crf", device, figures, settings, args.results_dir))
 
