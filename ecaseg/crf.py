@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 CRFBackend = Literal["torch", "pydensecrf", "auto"]
+"""Which implementation runs the dense CRF: ``"torch"``, ``"pydensecrf"`` or ``"auto"`` (see the module)."""
 #: The valid values of ``backend`` (and of the config key ``eval.crf_backend``).
 CRF_BACKENDS: tuple[str, ...] = ("torch", "pydensecrf", "auto")
 
