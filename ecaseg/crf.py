@@ -308,8 +308,12 @@ def permutohedral_filter(features: Tensor, values: Tensor, groups: Tensor | None
             f"features must be [N, d] and values [N, C] with the same N, got {tuple(features.shape)} "
             f"and {tuple(values.shape)}"
         )
+    if features.shape[1] < 1:
+        raise ValueError(f"features must have at least one dimension (d >= 1), got {tuple(features.shape)}")
     if groups is not None and groups.shape != features.shape[:1]:
         raise ValueError(f"groups must be [N] = [{features.shape[0]}], got {tuple(groups.shape)}")
+    if features.shape[0] == 0:
+        return values.new_zeros(values.shape, dtype=torch.float32)
     return _Lattice(features, groups).filter(values.float())
 
 

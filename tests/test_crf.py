@@ -322,3 +322,15 @@ def test_inference_pipeline_with_each_backend(backend: str) -> None:
     result = evaluate_segmentation(net, data, device=cpu, crf=params, crf_workers=1, crf_backend=backend,  # type: ignore[arg-type]
                                    progress=False)  # fmt: skip
     assert np.asarray(result["confusion"]).sum() == 3 * 48 * 48
+
+
+def test_lattice_edge_cases() -> None:
+    assert permutohedral_filter(torch.zeros(0, 3), torch.zeros(0, 2)).shape == (0, 2)
+    with pytest.raises(ValueError, match="d >= 1"):
+        permutohedral_filter(torch.zeros(4, 0), torch.zeros(4, 2))
+    # one point: the lattice gives back the value times its own weight (the same constant for any value)
+    one = permutohedral_filter(torch.tensor([[0.3, -1.2]]), torch.tensor([[1.0, 2.0]]))
+    assert torch.allclose(one[0, 1], 2 * one[0, 0]) and bool(one[0, 0] > 0)
+    # empty images: nothing to do
+    empty = dense_crf_torch(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, 2, 4, 4))
+    assert empty.shape == (0, 2, 4, 4)
