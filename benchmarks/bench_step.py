@@ -174,16 +174,28 @@ def bench_inference(device: torch.device, repeats: int, crf_workers: int) -> dic
             future.result()
         elapsed = time.perf_counter() - start
     with_crf = {"images": n, "seconds": elapsed, "crf_workers": crf_workers, "crf_single_ms": single}
+    # the same protocol with the torch CRF backend on the device (the probabilities never leave it)
+    torch_crf = time_fn(
+        lambda: predict_labels(
+            net, images, rgb, scales=scales, flip=True, amp=amp, crf=params, crf_backend="torch"
+        ),
+        device,
+        1,
+        min(repeats, 5),
+    )
     result = {
         "size": size,
         "msc_flip_images_per_s": 1000.0 / plain["median_ms"],
         "msc_flip_crf_images_per_s": n / elapsed,
+        "msc_flip_crf_torch_images_per_s": 1000.0 / torch_crf["median_ms"],
         "msc_flip_ms": plain,
         "msc_flip_crf_ms": with_crf,
+        "msc_flip_crf_torch_ms": torch_crf,
     }
     print(
         f"inference {size}: {result['msc_flip_images_per_s']:.1f} img/s, "
-        f"with CRF {result['msc_flip_crf_images_per_s']:.2f} img/s"
+        f"with CRF {result['msc_flip_crf_images_per_s']:.2f} img/s (pydensecrf, {crf_workers} processes), "
+        f"{result['msc_flip_crf_torch_images_per_s']:.2f} img/s (torch CRF on {device.type})"
     )
     return result
 

@@ -155,6 +155,8 @@ def _protocol(cfg: Config, args: argparse.Namespace) -> EvalConfig:
         ev.batch_size = args.batch_size
     if args.crf_workers is not None:
         ev.crf_workers = args.crf_workers
+    if args.crf_backend is not None:
+        ev.crf_backend = args.crf_backend
     if ev.batch_size < 0 or ev.crf_workers < 0:
         raise ConfigError(
             f"--batch-size and --crf-workers must be >= 0, got {ev.batch_size} and {ev.crf_workers}"
@@ -197,6 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         flip=ev.flip,
         crf=CRFParams() if ev.crf else None,
         crf_workers=ev.crf_workers,
+        crf_backend=ev.crf_backend,
         max_images=args.max_images,
         amp=cfg.train.amp,
         merge=ev.merge,
@@ -306,6 +309,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         amp=cfg.train.amp,
         crf=CRFParams() if ev.crf else None,
         crf_workers=ev.crf_workers,
+        crf_backend=ev.crf_backend,
     ):
         label_map = label.cpu().numpy()
         mask_file.parent.mkdir(parents=True, exist_ok=True)
@@ -636,7 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(
             "--batch-size", type=int, default=None, help="eval.batch_size: images of one size per forward"
         )
-        g.add_argument("--crf-workers", type=int, default=None, help="eval.crf_workers: CRF processes")
+        g.add_argument(
+            "--crf-workers", type=int, default=None, help="eval.crf_workers: pydensecrf processes (0: cores)"
+        )
+        g.add_argument(
+            "--crf-backend", choices=("torch", "pydensecrf", "auto"), default=None, help="eval.crf_backend"
+        )
 
     def add_ckpt(q: argparse.ArgumentParser) -> None:
         q.add_argument("--checkpoint", required=True, type=Path)

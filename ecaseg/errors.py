@@ -6,7 +6,14 @@ library users can catch the specific subclasses.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "EcasegError", "TrainingDivergedError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "EcasegError",
+    "MissingDependencyError",
+    "TrainingDivergedError",
+]
 
 
 class EcasegError(Exception):
@@ -27,3 +34,8 @@ class ConfigError(EcasegError, ValueError):
 
 class TrainingDivergedError(EcasegError, RuntimeError):
     """The loss or the weights became non-finite (the message names the iteration and the last checkpoint)."""
+
+
+class MissingDependencyError(EcasegError, ImportError):
+    """An optional dependency that the requested feature needs is not installed (the message is the
+    ``pip install`` command)."""

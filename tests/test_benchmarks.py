@@ -230,3 +230,33 @@ def test_gpu_check_dry_runs_on_the_cpu(tmp_path: Path) -> None:
     assert figures["par"]["max_abs_diff"] < 1e-4
     assert figures["ddp"]["gloo"]["ok"]
     assert figures["inference"]["images_per_s"] > 0 and figures["inference"]["crf_images_per_s"] > 0
+
+
+def test_crf_speed_records_both_backends(tmp_path: Path) -> None:
+    from ecaseg.crf import pydensecrf_available
+
+    args = ["--height", "30", "--width", "40", "--classes", "3", "--repeats", "1", "--batch", "2"]
+    _run("crf_speed.py", *args, "--results-dir", str(tmp_path))
+    (path,) = tmp_path.glob("crf-cpu-*.json")
+    payload = json.loads(path.read_text())
+    figures = payload["figures"]
+    assert figures["torch_ms_per_image"]["median_ms"] > 0 and payload["settings"]["classes"] == 3
+    if pydensecrf_available():
+        assert figures["label_agreement"] >= 0.99 and figures["pydensecrf_ms_per_image"]["median_ms"] > 0
+
+
+def test_crf_agreement_evaluates_a_checkpoint_with_both_backends(tmp_path: Path) -> None:
+    from ecaseg.cli import main
+    from ecaseg.crf import pydensecrf_available
+
+    if not pydensecrf_available():
+        pytest.skip("pydensecrf is not installed")
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", "train.max_iters=2", "train.val_interval=0"]
+    assert main([*argv, "--work-dir", str(work), "--no-progress"]) == 0
+    _run("crf_agreement.py", "--checkpoint", str(work / "last.pth"), "--max-images", "2",
+         "--results-dir", str(tmp_path))  # fmt: skip
+    (path,) = tmp_path.glob("crf-agreement-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert figures["images"] == 2 and figures["label_agreement"] >= 0.99
+    assert abs(figures["miou_difference"]) <= 0.003

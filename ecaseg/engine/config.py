@@ -223,7 +223,11 @@ class EvalConfig:
         resize_long: resize the long side of each image to this before inference (AFA: 512); 0 keeps it.
         flip: add horizontally flipped inputs.
         crf: dense CRF on the merged probabilities (AFA's parameters, :class:`ecaseg.crf.CRFParams`).
-        crf_workers: CRF worker processes (0: in-process).
+        crf_backend: how the dense CRF runs: ``"torch"`` (tensor ops on the evaluation device),
+            ``"pydensecrf"`` (the C++ library on the CPU, ``pip install ecaseg[pydensecrf]``) or ``"auto"``
+            (torch on CUDA; on the CPU pydensecrf when installed, else torch); see :mod:`ecaseg.crf`.
+        crf_workers: pydensecrf worker processes (0: as many as the cores available; 1: in-process); the
+            torch backend runs in-process.
         batch_size: images of one size per forward (:func:`ecaseg.engine.inference.predict_batched`; 0: 8
             on a GPU, 1 on the CPU); the figures do not depend on it.
         cam_alpha: background threshold of the CAM figures of validation.
@@ -234,6 +238,7 @@ class EvalConfig:
     resize_long: int = 512
     flip: bool = True
     crf: bool = True
+    crf_backend: Literal["torch", "pydensecrf", "auto"] = "auto"
     crf_workers: int = 0
     batch_size: int = 0
     cam_alpha: float = 0.5

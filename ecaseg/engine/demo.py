@@ -183,6 +183,7 @@ def _evaluate(trainer: ECATrainer, cfg: Config, dataset: Any, final: bool) -> di
         flip=ev.flip and final,
         crf=CRFParams() if final and ev.crf else None,
         crf_workers=ev.crf_workers,
+        crf_backend=ev.crf_backend,
         batch_size=ev.batch_size,
         progress=False,
         merge=ev.merge if final else "mean",

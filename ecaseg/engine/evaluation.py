@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ecaseg.cam import cam_to_label
-from ecaseg.crf import CRFParams
+from ecaseg.crf import CRFBackend, CRFParams
 from ecaseg.data import worker_init
 from ecaseg.engine.inference import MergeRule, autocast_context, predict_batched
 from ecaseg.engine.pseudo import PseudoLabelPipeline
@@ -63,12 +63,14 @@ def evaluate_segmentation(
     merge: MergeRule = "mean",
     resize_long: int = 0,
     batch_size: int = 0,
+    crf_backend: CRFBackend = "auto",
 ) -> dict[str, Any]:
     """mIoU of the segmentation decoder on a dataset with masks (the evaluation transform applied).
 
     ``scales``, ``flip``, ``merge``, ``resize_long`` and ``crf`` are the inference protocol (see
-    :func:`ecaseg.engine.inference.predict_probs`; the paper configs' ``eval`` section holds AFA's).
-    Images of the same size run ``batch_size`` at a time and the CRF pool works while the network runs
+    :func:`ecaseg.engine.inference.predict_probs`; the paper configs' ``eval`` section holds AFA's);
+    ``crf_backend`` and ``crf_workers`` say how the CRF runs. Images of the same size run ``batch_size`` at
+    a time and the CRF pool works while the network runs
     (:func:`ecaseg.engine.inference.predict_batched`); the figures do not depend on ``batch_size``.
 
     Returns:
@@ -104,6 +106,7 @@ def evaluate_segmentation(
             amp=amp,
             crf=crf,
             crf_workers=crf_workers,
+            crf_backend=crf_backend,
         ):
             metric.update(label[None].to(device), target[None].to(device))
     finally:

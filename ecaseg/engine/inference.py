@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecaseg.crf import CRFParams, crf_batch, dense_crf
+from ecaseg.crf import (
+    CRFBackend,
+    CRFParams,
+    available_cores,
+    crf_batch,
+    dense_crf,
+    dense_crf_torch,
+    resolve_crf_backend,
+)
 from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, denormalize, voc_palette, write_mask
 from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
@@ -224,10 +232,14 @@ def predict_labels(
     amp: str = "none",
     merge: MergeRule = "mean",
     resize_long: int = 0,
+    crf_backend: CRFBackend = "auto",
 ) -> Tensor:
     """Label maps ``[B, H, W]``: argmax of :func:`predict_probs`, refined by dense CRF if ``crf`` is given.
 
-    ``rgb`` (``[B, H, W, 3]`` uint8) is the unnormalised image, needed by the CRF.
+    ``rgb`` (``[B, H, W, 3]`` uint8) is the unnormalised image, needed by the CRF. ``crf_backend`` chooses
+    the CRF's implementation (:func:`ecaseg.crf.resolve_crf_backend` for the device of ``images``): with
+    ``"torch"`` the probabilities stay on the device; with ``"pydensecrf"`` ``crf_workers`` processes run it
+    (``0``: the cores available, ``1``: in this process).
     """
     probs = predict_probs(
         net, images, scales=scales, flip=flip, amp=amp, merge=merge, resize_long=resize_long
@@ -236,16 +248,25 @@ def predict_labels(
         return probs.argmax(dim=1)
     if rgb is None:
         raise ValueError("dense CRF needs the uint8 RGB images (rgb=...)")
-    return crf_batch(rgb, probs.cpu(), params=crf, num_workers=crf_workers).to(images.device)
+    if resolve_crf_backend(crf_backend, images.device) == "torch":
+        return crf_batch(rgb, probs, params=crf, backend="torch")
+    workers = None if crf_workers == 0 else crf_workers
+    return crf_batch(rgb, probs.cpu(), params=crf, num_workers=workers, backend="pydensecrf").to(
+        images.device
+    )
 
 
 Key = TypeVar("Key")
 """The type of the keys that :func:`predict_batched` passes through with each image (file names, masks...)."""
 
 
+def _rgb_uint8_tensor(images: Tensor) -> Tensor:
+    """``[B, H, W, 3]`` uint8 RGB of normalised ``[B, 3, H, W]`` images, on their device."""
+    return denormalize(images.detach().float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
+
+
 def _rgb_uint8(images: Tensor) -> np.ndarray:
-    rgb = denormalize(images.detach().float()).clamp(0, 1).mul(255).round().byte()
-    return rgb.permute(0, 2, 3, 1).cpu().numpy()
+    return _rgb_uint8_tensor(images).cpu().numpy()
 
 
 @torch.no_grad()
@@ -263,6 +284,7 @@ def predict_batched(
     crf: CRFParams | None = None,
     crf_workers: int = 0,
     max_buffered: int | None = None,
+    crf_backend: CRFBackend = "auto",
 ) -> Iterator[tuple[Key, Tensor]]:
     """Label maps of a stream of images, batched: what ``ecaseg evaluate`` and ``ecaseg predict`` run.
 
@@ -270,9 +292,11 @@ def predict_batched(
     CPU, where larger batches were slower: 8 images of 256 x 256 with five scales and flip, MiT-B1, two
     threads, took 6.4 s one at a time and 9.8 s in one batch) and each batch goes through
     :func:`predict_probs` (one forward per scale, the flips in the same batch); the labels are the
-    per-image results of :func:`predict_labels`, the same protocol image by image. With ``crf``, a pool of
-    ``crf_workers`` processes runs the dense CRF of finished batches while the network runs the next ones
-    (``crf_workers <= 1``: in this process).
+    per-image results of :func:`predict_labels`, the same protocol image by image. With ``crf`` and the
+    torch CRF backend the whole batch goes through :func:`ecaseg.crf.dense_crf_torch` on ``device`` (the
+    probabilities never leave it); with the pydensecrf backend a pool of ``crf_workers`` processes (``0``: as
+    many as the cores available, ``1``: none, in this process) runs the CRF of finished batches while the
+    network runs the next ones.
 
     At most ``max_buffered`` images (default ``4 * batch_size``) wait for their size group to fill; beyond
     that the largest group runs as it is, so a stream of all-different sizes costs memory of a few batches.
@@ -285,12 +309,14 @@ def predict_batched(
         batch_size: images per forward (of one size); ``0`` chooses by device (see above).
         scales, flip, merge, resize_long, amp: the protocol of :func:`predict_probs`.
         crf: dense-CRF parameters, or ``None`` for the argmax.
-        crf_workers: CRF worker processes.
+        crf_workers: pydensecrf worker processes (``0``: the cores available; the torch backend uses none).
         max_buffered: images held back while waiting for a size group to fill.
+        crf_backend: ``"torch"``, ``"pydensecrf"`` or ``"auto"`` (:func:`ecaseg.crf.resolve_crf_backend`
+            for ``device``).
 
     Yields:
-        ``(key, label)`` with ``label`` a ``[H, W]`` long tensor (on ``device`` without CRF, on the CPU with
-        it), in the order the batches finish (not the input order).
+        ``(key, label)`` with ``label`` a ``[H, W]`` long tensor (on ``device``, except with the pydensecrf
+        CRF: on the CPU), in the order the batches finish (not the input order).
     """
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0 (0: by device), got {batch_size}")
@@ -298,7 +324,11 @@ def predict_batched(
         batch_size = 8 if device.type == "cuda" else 1
     limit = 4 * batch_size if max_buffered is None else max(batch_size, max_buffered)
     groups: dict[tuple[int, int], list[tuple[Key, Tensor]]] = {}
-    pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
+    if crf_workers < 0:
+        raise ValueError(f"crf_workers must be >= 0 (0: the cores available), got {crf_workers}")
+    backend = resolve_crf_backend(crf_backend, device) if crf is not None else "torch"
+    workers = (crf_workers or available_cores()) if backend == "pydensecrf" else 1
+    pool = ProcessPoolExecutor(max_workers=workers) if crf is not None and workers > 1 else None
     pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
 
     def run(group: list[tuple[Key, Tensor]]) -> Iterator[tuple[Key, Tensor]]:
@@ -309,13 +339,17 @@ def predict_batched(
         if crf is None:
             yield from zip((key for key, _ in group), probs.argmax(dim=1))
             return
+        if backend == "torch":
+            labels = dense_crf_torch(_rgb_uint8_tensor(images), probs, crf).argmax(dim=1)
+            yield from zip((key for key, _ in group), labels)
+            return
         rgb, host = _rgb_uint8(images), probs.cpu().numpy()
         for i, (key, _) in enumerate(group):
             if pool is None:
                 yield key, torch.from_numpy(dense_crf(rgb[i], host[i], crf))
             else:
                 pending.append((key, pool.submit(dense_crf, rgb[i], host[i], crf)))
-        while len(pending) > 2 * crf_workers or (pending and pending[0][1].done()):
+        while len(pending) > 2 * workers or (pending and pending[0][1].done()):
             key, future = pending.popleft()
             yield key, torch.from_numpy(future.result())
 

@@ -58,7 +58,7 @@ from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabels, par_slots
 from ecaseg.engine.sampler import ResumableSampler, SeededDataset
 from ecaseg.engine.workdir import WorkDirLock, clean_stale_temp_files
-from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
+from ecaseg.errors import CheckpointError, ConfigError, MissingDependencyError, TrainingDivergedError
 from ecaseg.models import ECANet, stochastic_layers
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import (
@@ -838,7 +838,12 @@ class ECATrainer:
         logger.setLevel(logging.INFO)
 
     def _tensorboard(self) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise MissingDependencyError(
+                "train.tensorboard=true needs TensorBoard: pip install ecaseg[train] (or set it false)"
+            ) from err
 
         return SummaryWriter(log_dir=str(self.work_dir / "tensorboard"))
 
