@@ -225,7 +225,7 @@ def test_torch_labels_agree_with_pydensecrf_on_random_smooth_unaries() -> None:
 def test_torch_labels_agree_with_pydensecrf_on_synthetic_benchmark_images() -> None:
     from ecaseg.data.synthetic import SyntheticConfig, generate_sample
 
-    config = SyntheticConfig(image_size=64, num_classes=3)
+    config = SyntheticConfig(image_size=64, num_fg_classes=3)
     agree = []
     for index in range(3):
         image, mask = generate_sample(config, "val", index)
@@ -301,7 +301,7 @@ def test_inference_pipeline_with_each_backend(backend: str) -> None:
     torch.manual_seed(0)
     net = ECANet("mit_nano", num_classes=4).eval()
     data = SyntheticWSSSDataset(
-        "val", SyntheticConfig(image_size=48, num_classes=3, num_val=3), EvalTransform()
+        "val", SyntheticConfig(image_size=48, num_fg_classes=3, num_val=3), EvalTransform()
     )
     images = [data[i]["image"] for i in range(3)]
     params = CRFParams(iterations=3)
