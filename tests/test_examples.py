@@ -130,9 +130,9 @@ def test_train_voc_example_trains_from_official_checkpoint_files(tmp_path: Path)
 
 def test_multistage_refine_example_end_to_end(tmp_path: Path) -> None:
     """classifier -> IRN-style CAM files -> ecaseg refine -> supervised training on the PNGs -> val mIoU."""
+    sizes = ["--num-train", "12", "--num-val", "4"]
     out = load("multistage_refine").main(
-        ["--seeds", "0", "--out", str(tmp_path), "--iters", "2", "--cls-iters", "2"]
-        + ["--num-train", "12", "--num-val", "4"]
+        ["--seeds", "0", "--out", str(tmp_path), "--iters", "2", "--cls-iters", "2", *sizes]
     )
     for method in ("threshold", "carm_par"):
         run = out["runs"]["seed0"][method]
