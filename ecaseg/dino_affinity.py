@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ecaseg._checks import check_float_dtype
 from ecaseg.dino_features import DINOFeatures
 from ecaseg.errors import CheckpointError, ConfigError
 
@@ -890,6 +891,20 @@ class DINOAffinity(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"DINOAffinity expects images [B, 3, H, W], got {tuple(images.shape)}")
+        check_float_dtype(
+            images,
+            "DINOAffinity images",
+            "the ViT expects ImageNet-normalised floats: (images.float() / 255 - mean) / std "
+            "(ecaseg.engine.inference.to_network_input does this for uint8 HWC arrays)",
+        )
+        if images.shape[0] == 0:  # an empty batch: empty features of the right sizes
+            one = self.forward(images.new_zeros(1, *images.shape[1:]), with_tokens=with_tokens)
+            return DINOFeatures(
+                keys=one.keys[:0],
+                cls_query=one.cls_query[:0],
+                tokens=one.tokens[:0] if one.tokens is not None else None,
+                grid=one.grid,
+            )
         images = fit_to_patch(images, self.patch_size, resize=self.resize_to_patch)
         images = images.to(self.vit.patch_embed.proj.weight.dtype)
         use_amp = self.autocast and images.device.type == "cuda"

@@ -27,7 +27,8 @@ def _norm(name: str) -> str:
 def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | None) -> tuple[str, ...]:
     """K class names, background first, from names, a text file (one name per line) or None (VOC).
 
-    A leading ``"background"`` is added when missing.
+    A leading ``"background"`` is added when missing. Names that are integers (``"0"``, ``"12"``) are
+    refused: labels files read numbers as class indices, so such a name would be read as another class.
 
     Example:
         >>> resolve_class_names(["cat", "dog"])
@@ -50,6 +51,12 @@ def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | No
     for name in names:
         if not name:
             raise DatasetError("class names must not be empty")
+        if re.fullmatch(r"[+-]?\d+", name):
+            raise DatasetError(
+                f"class name {name!r} is a number: labels files read numbers as class indices (background = "
+                "0), so such a name would be confused with another class; give the classes words, e.g. "
+                f"'class_{name.lstrip('+-')}'"
+            )
         if _norm(name) in seen:
             raise DatasetError(f"class name {name!r} appears twice (as {seen[_norm(name)]!r})")
         seen[_norm(name)] = name
@@ -306,6 +313,11 @@ class FolderDataset(SegmentationDataset):
                 )
         if subset != "all":
             n = len(ids)
+            if n < 2:
+                raise DatasetError(
+                    f"{self.images_dir} has {n} labelled image(s): a held-out {subset} split needs at "
+                    "least 2 (one for val, the rest for training), or give data.val_labels_file"
+                )
             n_val = min(n - 1, max(1, round(val_fraction * n))) if n >= 2 else 0
             order = np.random.default_rng(split_seed).permutation(n)
             keep = sorted(order[:n_val] if subset == "val" else order[n_val:])

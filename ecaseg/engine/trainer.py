@@ -13,7 +13,7 @@ One step, after the classifier-only warm-up:
 
 Switches in ``cfg.method`` reproduce every row of Table 4 and the fully supervised upper bound (Table 2).
 Multi-GPU through ``torchrun`` (DDP, NCCL on GPU, gloo on CPU); bf16 autocast on GPU; atomic checkpoints
-every ``train.ckpt_interval`` iterations and on SIGINT/SIGTERM; ``resume`` continues exactly.
+every ``train.ckpt_interval`` iterations and on SIGINT/SIGTERM/SIGHUP; ``resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ecaseg._checks import class_names_mismatch
 from ecaseg.affinity import affinity_labels, affinity_loss, downsample_label
 from ecaseg.carm import CARMGenerator
 from ecaseg.cce_loss import cce_loss
@@ -62,9 +63,16 @@ from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ecaseg.models import ECANet, stochastic_layers
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
-from ecaseg.utils.io import atomic_save_torch, atomic_write_text
+from ecaseg.utils.io import atomic_save_torch, atomic_write_text, json_dumps_finite
 
-__all__ = ["CHECKPOINT_FORMAT", "ECATrainer", "StepOutput", "load_checkpoint", "poly_lr_lambda"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ECATrainer",
+    "StepOutput",
+    "check_class_names",
+    "load_checkpoint",
+    "poly_lr_lambda",
+]
 
 CHECKPOINT_FORMAT = "ecaseg-checkpoint-v1"
 logger = logging.getLogger("ecaseg.train")
@@ -337,6 +345,13 @@ class ECATrainer:
         """Restore :meth:`state_dict` output (checks that the checkpoint's model matches this config)."""
         saved = config_from_dict(ckpt["config"])
         check_compatible(saved, self.cfg)
+        check_class_names(ckpt, self.class_names, "this run's dataset")
+        missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks the training state ({', '.join(missing)}): it holds a model only, so "
+                "it cannot be resumed; start a new run (or evaluate it with ecaseg evaluate)"
+            )
         try:
             self.net.load_state_dict(ckpt["model"])
         except RuntimeError as err:
@@ -519,7 +534,8 @@ class ECATrainer:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._stop_signal = signum
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: a closed terminal or ssh session stops the run like SIGTERM (checkpoint, then exit)
+        for sig in (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())):
             with contextlib.suppress(ValueError):  # not in the main thread
                 previous[sig] = signal.signal(sig, handler)
         return previous
@@ -578,7 +594,12 @@ class ECATrainer:
             disable=not (self.progress and main),
             dynamic_ncols=True,
         )
-        last_metrics: dict[str, float] = {}
+        # a resumed run keeps the validation of its last iteration (a finished run resumed runs no step)
+        last_metrics: dict[str, float] = (
+            {k: v for k, v in self.history[-1].items() if k != "iteration"}
+            if self.history and self.history[-1].get("iteration") == float(self.iteration)
+            else {}
+        )
         start = time.perf_counter()
         self.net.train()
         try:
@@ -640,7 +661,7 @@ class ECATrainer:
             logger.info("reached iteration %d in %.1f s", self.iteration, seconds)
             atomic_write_text(
                 self.work_dir / "metrics.json",
-                json.dumps({"final": last_metrics, "history": self.history}, indent=2),
+                json_dumps_finite({"final": last_metrics, "history": self.history}, "metrics.json"),
             )
         return last_metrics
 
@@ -675,6 +696,21 @@ class ECATrainer:
             self.net.train(was_training)
         grid = training_panels(batch["image"][:n], step.pseudo, pred, n, class_names=self.class_names or None)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
+
+
+def check_class_names(ckpt: dict[str, Any], current: list[str] | tuple[str, ...], where: str) -> None:
+    """Raise :class:`CheckpointError` if the checkpoint's class names differ from ``current`` (order
+    included: a reordered ``classes.txt`` would swap the labels); a side without names is not compared."""
+    saved = list(ckpt.get("class_names") or [])
+    if not saved or not current:
+        return
+    diff = class_names_mismatch(saved, list(current))
+    if diff is not None:
+        raise CheckpointError(
+            f"the checkpoint was trained with other classes than {where}: {diff}; class indices would "
+            "silently change meaning, so give the classes in the checkpoint's order "
+            f"({', '.join(saved[1:])}) or train a new model"
+        )
 
 
 def check_compatible(saved: Config, current: Config) -> None:

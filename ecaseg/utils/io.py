@@ -6,15 +6,25 @@ A crash (or SIGKILL) while writing leaves the previous file, or no file, never a
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save_torch", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_save_torch",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_writable",
+    "json_dumps_finite",
+]
 
 
 @contextlib.contextmanager
@@ -72,3 +82,72 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (checkpoints, caches)."""
     with atomic_write(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def json_dumps_finite(obj: Any, what: str = "JSON", indent: int | None = 2) -> str:
+    """``json.dumps`` that writes ``null`` for NaN and infinite floats (bare ``NaN`` is not valid JSON).
+
+    A :class:`RuntimeWarning` names the keys that held them (e.g. the mIoU of a split with no image).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     json_dumps_finite({"miou": float("nan"), "n": [1.0, float("inf")]}, indent=None)
+        '{"miou": null, "n": [1.0, null]}'
+    """
+    replaced: list[str] = []
+
+    def clean(value: Any, where: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(f"{where} ({value})")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    text = json.dumps(clean(obj, ""), indent=indent, allow_nan=False)
+    if replaced:
+        shown = ", ".join(replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+        warnings.warn(
+            f"{what}: {len(replaced)} value(s) are not finite numbers and are written as null: {shown} "
+            "(e.g. a metric of a split without images or without a class)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return text
+
+
+def check_writable(path: str | os.PathLike[str], what: str) -> None:
+    """Raise ``OSError`` (naming ``what`` and the path) unless a file can be written at ``path``.
+
+    Checked before a long run so that it does not fail at its end: ``path`` must not be a folder, and the
+    nearest existing folder on its way must accept a new file (probed with a temporary file, removed at once;
+    missing folders are not created).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> check_writable(d / "new" / "metrics.json", "--out")
+        >>> check_writable(d, "--out")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        IsADirectoryError: [Errno 21] --out ... is a folder; give a file name: '...'
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(21, f"{what} {target} is a folder; give a file name", str(target))
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(20, f"{what} {target}: {folder} is a file, not a folder", str(target))
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OSError(
+            err.errno, f"{what} {target} cannot be written ({err.strerror}) in {folder}", str(target)
+        ) from None
