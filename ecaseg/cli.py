@@ -373,8 +373,8 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     if not getattr(dataset, "has_labels", True):
         raise DatasetError(
             f"split {split!r} has no image-level labels (e.g. VOC test): pseudo-labels keep only the "
-            "labelled classes, so every label would be background; choose a split with labels (--split train_aug, "
-            "val) or label the images first"
+            "labelled classes, so every label would be background; choose a split with labels "
+            "(--split train_aug, val) or label the images first"
         )
     out_dir = Path(args.out)
     _check_fresh_output(out_dir)
