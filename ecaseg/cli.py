@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -531,6 +532,11 @@ def build_pretrain_dino_parser(parser: argparse.ArgumentParser | None = None) ->
         "--synthetic-object-scale", type=float, default=None, help="SyntheticConfig.object_scale (1.8)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out images that cannot be decoded (listed at the end); default: stop before training",
+    )
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     for f in dataclasses.fields(DINOPretrainConfig):
         default = getattr(DINOPretrainConfig, f.name)
@@ -575,7 +581,7 @@ def run_pretrain_dino(args: argparse.Namespace) -> Path:
         images = SyntheticWSSSDataset("train", syn)
     else:
         images = args.images
-    return pretrain_dino(images, args.out, cfg, progress=not args.no_progress)
+    return pretrain_dino(images, args.out, cfg, progress=not args.no_progress, skip_bad=args.skip_bad)
 
 
 def pretrain_dino_main(argv: Sequence[str] | None = None) -> int:
@@ -598,11 +604,16 @@ def _pretrain_dino_command(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        out = run_pretrain_dino(args)
-    except EcasegError as err:
-        print(f"dino-pretrain: error: {' '.join(str(err).split())}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            out = run_pretrain_dino(args)
+    except (EcasegError, OSError) as err:
+        text = str(err) if isinstance(err, EcasegError) or not err.strerror else err.strerror
+        print(f"dino-pretrain: error: {' '.join(text.split())}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - start:.0f} s")
+    for w in caught:  # the images left out with --skip-bad (and any other warning), after the work
+        print(f"dino-pretrain: warning: {w.message}", file=sys.stderr)
     return 0
 
 

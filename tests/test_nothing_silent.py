@@ -351,3 +351,83 @@ def test_case8_a_lock_whose_pid_was_reused_is_stale(tmp_path: Path) -> None:
     with WorkDirLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+# --- failing late: pretrain-dino checks its output and its images before the first iteration ---------------
+
+
+def _pretrain_argv(images: Path, out: Path) -> list[str]:
+    argv = ["pretrain-dino", "--images", str(images), "--out", str(out), "--no-progress", "--iters", "1"]
+    argv += ["--image-size", "32", "--global-size", "16", "--local-size", "8", "--num-local", "1"]
+    argv += ["--out-dim", "32", "--hidden-dim", "16", "--bottleneck-dim", "8", "--batch-size", "2"]
+    return [*argv, "--device", "cpu", "--amp", "false"]
+
+
+def test_failing_late_pretrain_dino_checks_out_and_images_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ecaseg.engine.dino_pretrain.loop as loop
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    built: list[int] = []
+    real_build = loop._build_nets
+    monkeypatch.setattr(loop, "_build_nets", lambda *a: built.append(1) or real_build(*a))
+    assert main(_pretrain_argv(images, tmp_path)) == 2  # --out is a folder
+    err = capsys.readouterr().err
+    assert f"dino-pretrain: error: out {tmp_path} is a folder; give a file name" in err, err
+    out = tmp_path / "vit.pth"
+    assert main(_pretrain_argv(images, out)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot decode image file {images / 'broken.png'}" in err and "no training was started" in err
+    assert not built and not out.exists()  # stopped before any network was built
+    assert main([*_pretrain_argv(images, out), "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and out.is_file()
+    assert "skipped 1 undecodable image(s) of 4:" in captured.err and "broken.png" in captured.err
+
+
+# --- case 4: pseudo-labels of a split without image-level labels ------------------------------------------
+
+
+def test_case4_pseudo_labels_refuse_a_split_without_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        cv2.imwrite(
+            str(root / "JPEGImages" / f"im{i}.jpg"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        )
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:40, 10:40] = 1 + i  # aeroplane, bicycle, bird
+        cv2.imwrite(str(root / "SegmentationClass" / f"im{i}.png"), mask)
+    (sets / "train.txt").write_text("im0\nim1\n")
+    (sets / "val.txt").write_text("im2\n")
+    (sets / "test.txt").write_text("im2\n")
+    data = ["data.dataset=voc", f"data.root={root}", "data.train_split=train", f"data.cache_dir={tmp_path}"]
+    work = tmp_path / "run"
+    argv = ["train", "--config", "synthetic_tiny", *data, "train.max_iters=1", "train.val_interval=0"]
+    assert main([*argv, "--work-dir", str(work), "--no-progress"]) == 0
+    out = tmp_path / "pseudo"
+    argv = [
+        "pseudo-labels",
+        "--checkpoint",
+        str(work / "last.pth"),
+        *data,
+        "--split",
+        "test",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 2
+    assert "split 'test' has no image-level labels (e.g. VOC test)" in _one_error(capsys)
+    assert not out.exists()

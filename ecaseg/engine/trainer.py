@@ -345,7 +345,6 @@ class ECATrainer:
         """Restore :meth:`state_dict` output (checks that the checkpoint's model matches this config)."""
         saved = config_from_dict(ckpt["config"])
         check_compatible(saved, self.cfg)
-        check_class_names(ckpt, self.class_names, "this run's dataset")
         missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
         if missing:
             raise CheckpointError(
@@ -361,6 +360,7 @@ class ECATrainer:
                 f"the checkpoint's network ({got}) does not match this run's ({self.net.num_classes} "
                 f"classes, {self.cfg.model.backbone}): {' '.join(str(err).split())[:300]}"
             ) from None
+        check_class_names(ckpt, self.class_names, "this run's dataset")  # same count, other names/order
         if self.carm_generator is not None and ckpt.get("carm") is not None:
             self.carm_generator.load_state_dict(ckpt["carm"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ecaseg.engine.dino_pretrain.head import DINOHead, _MultiCropNet
 from ecaseg.engine.dino_pretrain.loss import dino_loss, ema_update, teacher_entropies, update_center
 from ecaseg.engine.dino_pretrain.schedule import cosine_schedule
 from ecaseg.errors import CheckpointError, ConfigError, EcasegError
-from ecaseg.utils.io import atomic_save_torch
+from ecaseg.utils.io import atomic_save_torch, check_writable
 
 _LOG = logging.getLogger("ecaseg.engine.dino_pretrain")  # the package's logger (its name before the split)
 
@@ -99,6 +100,7 @@ def pretrain_dino(
     out: str | Path,
     config: DINOPretrainConfig,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Path:
     """Train a ViT with DINO self-distillation on unlabelled images; write the teacher backbone to ``out``.
 
@@ -119,6 +121,8 @@ def pretrain_dino(
             (float32, CPU), written atomically; ``DINOAffinity(config.variant, weights=out)`` loads it.
         config: The recipe.
         progress: Show a progress bar with the loss.
+        skip_bad: For a folder: leave out the images that cannot be decoded (a warning lists them) instead
+            of stopping. Either way every image is decoded once before the first iteration.
 
     Returns:
         ``out`` as a ``Path``.
@@ -140,7 +144,17 @@ def pretrain_dino(
     cfg = config
     device = _resolve_device(cfg.device)
     out = Path(out)
-    source = _as_dataset(images)
+    check_writable(out, "out")  # before the work, not after it
+    check_writable(resume_path(out), "out")
+    source = _as_dataset(images, skip_bad=skip_bad)
+    skipped = list(getattr(source, "skipped", []))
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} undecodable image(s) of {len(skipped) + len(source)}: "
+            + "; ".join(skipped),
+            RuntimeWarning,
+            stacklevel=2,
+        )
     dataset = _SquareImages(source, cfg.image_size, cfg.cache_images)
     torch.manual_seed(cfg.seed)
     student, teacher = _build_nets(cfg, device)
