@@ -44,6 +44,7 @@ from ecaseg.engine.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    resolve_device,
 )
 from ecaseg.engine.dino_pretrain import DINOPretrainConfig, pretrain_dino
 from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
@@ -75,15 +76,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is visible; use --device auto or cpu")
-    return device
+    return resolve_device(name, "--device")
 
 
 def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, Any]]:
@@ -629,6 +622,20 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_error(message: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch puts the worker's whole
+    traceback into it: ``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``)."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        head, sep, rest = lines[i].partition(": ")
+        if sep and not lines[i].startswith(" ") and head.replace(".", "").replace("_", "").isalnum():
+            where = lines[0].removeprefix("Caught ").split(" ", 1)[-1].rstrip(".")
+            return "\n".join([f"{rest} ({where})", *lines[i + 1 :]])
+    return message
+
+
 def one_line(message: str) -> str:
     r"""Fold a multi-line error (e.g. a dataset layout tree) into one line for stderr.
 
@@ -636,6 +643,7 @@ def one_line(message: str) -> str:
         >>> one_line("root missing; expected layout:\nroot/\n├── images/   (jpg)\n└── masks/")
         'root missing; expected layout: root/ images/ masks/'
     """
+    message = _worker_error(message)
     first, *rest = message.strip().splitlines() or [""]
     parts = []
     for line in rest:

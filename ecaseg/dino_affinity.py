@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ecaseg._checks import check_float_dtype
 from ecaseg.dino_features import DINOFeatures
 from ecaseg.errors import CheckpointError, ConfigError
+from ecaseg.utils.io import weights_file_problem
 
 __all__ = [
     "DINO_VARIANTS",
@@ -493,7 +494,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects, ...
-        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
+        raise CheckpointError(
+            weights_file_problem(
+                p, err, "DINO weights are a ViT state dict, e.g. what ecaseg pretrain-dino writes"
+            )
+        ) from err
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -16,6 +16,7 @@ from ecaseg.data.base import IMAGE_EXTENSIONS, SegmentationDataset, Transform, m
 from ecaseg.data.classes import VOC_CLASSES
 from ecaseg.data.labels import load_or_compute_mask_labels
 from ecaseg.errors import DatasetError
+from ecaseg.utils.io import read_text_utf8
 
 __all__ = ["FolderDataset", "parse_labels_file", "resolve_class_names"]
 
@@ -39,9 +40,11 @@ def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | No
     if isinstance(class_names, (str, os.PathLike)):
         file = Path(class_names).expanduser()
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            lines = read_text_utf8(file, "class names file").splitlines()
         except OSError as exc:
             raise DatasetError(f"cannot read class names file {file}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
         names = [str(n).strip() for n in class_names]
@@ -121,9 +124,11 @@ def parse_labels_file(
     file = Path(path).expanduser()
     names = tuple(class_names)
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        text = read_text_utf8(file, "labels file")
     except OSError as exc:
         raise DatasetError(f"cannot read labels file {file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     ids: list[str] = []
     rows: list[np.ndarray] = []
     where_of: dict[str, str] = {}

@@ -19,6 +19,7 @@ from ecaseg.crf import CRFParams, crf_batch, dense_crf
 from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, denormalize, voc_palette, write_mask
 from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
+from ecaseg.utils.workers import ignore_sigint
 
 __all__ = [
     "Key",
@@ -298,7 +299,11 @@ def predict_batched(
         batch_size = 8 if device.type == "cuda" else 1
     limit = 4 * batch_size if max_buffered is None else max(batch_size, max_buffered)
     groups: dict[tuple[int, int], list[tuple[Key, Tensor]]] = {}
-    pool = ProcessPoolExecutor(max_workers=crf_workers) if crf is not None and crf_workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(max_workers=crf_workers, initializer=ignore_sigint)
+        if crf is not None and crf_workers > 1
+        else None
+    )
     pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
 
     def run(group: list[tuple[Key, Tensor]]) -> Iterator[tuple[Key, Tensor]]:

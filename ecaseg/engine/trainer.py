@@ -53,7 +53,7 @@ from ecaseg.engine.builders import (
     build_pseudo_labeler,
     needs_dino,
 )
-from ecaseg.engine.config import Config, config_from_dict, config_to_dict
+from ecaseg.engine.config import Config, config_from_dict, config_to_dict, resolve_device
 from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabels
@@ -63,7 +63,7 @@ from ecaseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ecaseg.models import ECANet, stochastic_layers
 from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
-from ecaseg.utils.io import atomic_save_torch, atomic_write_text, json_dumps_finite
+from ecaseg.utils.io import atomic_save_torch, atomic_write_text, json_dumps_finite, weights_file_problem
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -129,12 +129,20 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read an ecaseg checkpoint, with a clear error if it is missing or of another kind."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in sorted(path.glob("*.pth"))[:3]]
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give the checkpoint file"
+            + (f", e.g. {path / inside[0]}" if inside else " (ecaseg train writes WORK_DIR/last.pth)")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+        raise CheckpointError(
+            weights_file_problem(path, err, "give a checkpoint that ecaseg train wrote")
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an ecaseg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt
@@ -276,10 +284,8 @@ class ECATrainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _select_device(self, name: str) -> torch.device:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu"
-            )
+        if name != "auto":
+            return resolve_device(name, "train.device")
         if name == "auto":
             if torch.cuda.is_available():
                 local = int(os.environ.get("LOCAL_RANK", 0))

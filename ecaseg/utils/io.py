@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +25,8 @@ __all__ = [
     "atomic_write_text",
     "check_writable",
     "json_dumps_finite",
+    "read_text_utf8",
+    "weights_file_problem",
 ]
 
 
@@ -151,3 +154,70 @@ def check_writable(path: str | os.PathLike[str], what: str) -> None:
         raise OSError(
             err.errno, f"{what} {target} cannot be written ({err.strerror}) in {folder}", str(target)
         ) from None
+
+
+def read_text_utf8(path: str | os.PathLike[str], what: str) -> str:
+    """The text of a UTF-8 file (with or without a byte-order mark, which is dropped).
+
+    Raises:
+        OSError: The file cannot be read (as ``Path.read_text``).
+        ValueError: The file is not UTF-8; the message names ``what``, the file, the first bad byte and
+            its position, and says how to fix it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "classes.txt"
+        >>> _ = p.write_bytes(b"\\xef\\xbb\\xbfcat\\n")
+        >>> read_text_utf8(p, "class names file")
+        'cat\\n'
+        >>> _ = p.write_bytes("caf\\xe9\\n".encode("latin-1"))
+        >>> read_text_utf8(p, "class names file")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: class names file ... is not UTF-8 text (byte 0xe9 at position 3); save it as UTF-8 ...
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = data[err.start : err.start + 1].hex()
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte 0x{bad} at position {err.start}); save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8, or 'Save as UTF-8' in an editor)"
+        ) from None
+
+
+def weights_file_problem(path: str | os.PathLike[str], error: BaseException, hint: str = "") -> str:
+    """Why ``torch.load`` could not read ``path``, in words (the reader's own message is often one token,
+    e.g. ``101`` for a text file); ``hint`` says what the file should be. Reads the file's first bytes
+    and, for a ``torch.save`` archive, searches its pickle for ecaseg's checkpoint tag, unpickling nothing.
+    """
+    p = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        with open(p, "rb") as handle:
+            head = handle.read(16)
+        archive = zipfile.is_zipfile(p)
+        tagged = False
+        if archive:
+            with zipfile.ZipFile(p) as z:
+                pickles = [n for n in z.namelist() if n.endswith("data.pkl")]
+                tagged = bool(pickles) and b"ecaseg-checkpoint-v" in z.read(pickles[0])
+    except OSError as err:
+        return f"cannot read {p}: {err.strerror or err}{tail}"
+    if tagged:
+        return (
+            f"{p} is an ecaseg training checkpoint (what ecaseg train writes: the segmentation network and "
+            f"its training state), not a weights file of this kind{tail}"
+        )
+    if archive and "weights_only" in str(error).replace(" ", "_").lower():
+        return (
+            f"{p} holds Python objects besides tensors, which are not loaded (weights_only=True, so that no "
+            f"code in the file runs); save a plain state dict: torch.save(model.state_dict(), path){tail}"
+        )
+    if not archive and head[:1] != b"\x80":
+        return (
+            f"{p} is not a weights file (a torch.save archive or .safetensors); it starts with {head!r}{tail}"
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot read checkpoint {p}: {first[:200]}{tail}"
