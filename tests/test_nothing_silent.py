@@ -431,3 +431,219 @@ def test_case4_pseudo_labels_refuse_a_split_without_labels(
     assert main(argv) == 2
     assert "split 'test' has no image-level labels (e.g. VOC test)" in _one_error(capsys)
     assert not out.exists()
+
+
+# --- tracebacks where one line is promised --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.crop_size=-64", "data.crop_size must be >= 16, got -64"),
+        (
+            "method.cam_scales=[1.0,.inf]",
+            "method.cam_scales must hold finite values in (0, 4], got [1.0, inf]",
+        ),
+        ("method.cam_scales=[1.0,0.01]", "shrink the data.crop_size=64 crops below 16 pixels"),
+        ("data.resize_long=[512,256]", "data.resize_long must be [low, high] with low <= high"),
+        ("data.scale_range=[0,0]", "data.scale_range must hold finite values in (0, 16], got [0.0, 0.0]"),
+        ("method.par_dilations=[]", "method.par_dilations must not be empty"),
+        ("model.decoder_dim=0", "model.decoder_dim must be >= 1, got 0"),
+        ("model.strides=[4,2,0,1]", "model.strides must hold finite values >= 1, got [4, 2, 0, 1]"),
+        ("optim.betas=[1.5,0.999]", "optim.betas must hold finite values in [0, 1), got [1.5, 0.999]"),
+    ],
+)
+def test_config_values_are_range_checked_at_load(
+    override: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["configs", "synthetic_tiny", override]) == 2
+    assert fragment in _one_error(capsys)
+
+
+def test_every_numeric_config_key_has_a_range() -> None:
+    import typing
+    from dataclasses import fields
+
+    from ecaseg.engine.config import RANGES, Config
+
+    numeric = set()
+    for section in fields(Config):
+        if section.name == "name":
+            continue
+        for f in fields(getattr(Config(), section.name)):
+            tp = typing.get_type_hints(type(getattr(Config(), section.name)))[f.name]
+            args = typing.get_args(tp) if typing.get_origin(tp) is tuple else (tp,)
+            if any(a in (int, float) for a in args):
+                numeric.add(f"{section.name}.{f.name}")
+    assert numeric == set(RANGES), (numeric - set(RANGES), set(RANGES) - numeric)
+
+
+def test_pretrain_dino_refuses_a_nan_learning_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["pretrain-dino", "--synthetic", "--out", str(tmp_path / "v.pth"), "--lr", "nan"]
+    assert main(argv) == 2
+    assert "DINOPretrainConfig.lr=nan is invalid: must be finite" in capsys.readouterr().err
+
+
+def test_yaml_base_cycles_and_encodings_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\ntrain:\n  max_iters: 3\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    assert main(["configs", str(tmp_path / "a.yaml")]) == 2
+    assert "its _base_ chain loops back to it" in _one_error(capsys)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("_base_: synthetic_tiny.yaml\nname: caf\xe9\n".encode("latin-1"))
+    assert main(["configs", str(latin)]) == 2
+    assert f"config file {latin} is not UTF-8 text (byte 0xe9 at position 37)" in _one_error(capsys)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf_base_: synthetic_tiny.yaml\nname: bom\n")
+    assert main(["configs", str(bom)]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "bom"
+
+
+def test_labels_class_and_id_files_utf8_with_or_without_bom(tmp_path: Path) -> None:
+    from ecaseg.data.base import read_id_file
+    from ecaseg.data.folder import parse_labels_file
+
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"\xef\xbb\xbfcat\ndog\n")
+    assert resolve_class_names(classes) == ("background", "cat", "dog")
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbf2007_000032\n2007_000039\n")
+    assert read_id_file(ids) == ["2007_000032", "2007_000039"]
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("id,labels\nchâteau,cat\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=f"labels file {labels} is not UTF-8 text \\(byte 0xe2"):
+        parse_labels_file(labels, ("background", "cat"))
+    ids.write_bytes("ch\xe2teau\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="id list .* is not UTF-8 text"):
+        read_id_file(ids)
+
+
+def test_eval_cam_alpha_is_gone_and_warned(tmp_path: Path) -> None:
+    from ecaseg.engine.config import EvalConfig, load_config
+
+    assert not hasattr(EvalConfig(), "cam_alpha")
+    with pytest.warns(UserWarning, match="config key eval.cam_alpha is ignored: read by nothing"):
+        load_config("synthetic_tiny", ["eval.cam_alpha=0.3"])
+
+
+def test_devices_must_be_available(
+    run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, data = run
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    available = {"mps": mps is not None and mps.is_available(), "xpu": xpu is not None and xpu.is_available()}
+    for name in ("meta", "mps", "xpu"):
+        if available.get(name):
+            continue
+        assert main(["evaluate", "--checkpoint", str(work / "last.pth"), "--device", name]) == 2
+        assert f"--device {name} is not available here (available: cpu" in _one_error(capsys)
+    argv = ["train", "--config", "synthetic_tiny", "train.device=meta", "--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    assert "train.device meta is not available here" in _one_error(capsys)
+    from ecaseg.engine.doctor import run_doctor
+
+    run_doctor("synthetic_tiny", ["train.device=meta"], time_steps=0)
+    out = capsys.readouterr().out
+    assert "fail  train.device: train.device meta is not available here" in out, out
+
+
+def test_checkpoints_of_the_wrong_kind_are_named(
+    run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, data = run
+    # a folder as --checkpoint
+    assert main(["evaluate", "--checkpoint", str(work)]) == 2
+    assert f"checkpoint {work} is a folder; give the checkpoint file, e.g. {work / 'last.pth'}" in _one_error(
+        capsys
+    )
+    # a model-only checkpoint to --resume
+    ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=False)
+    model_only = {k: ckpt[k] for k in ("format", "config", "class_names", "model")}
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(model_only, other / "last.pth")
+    argv = ["train", "--config", "synthetic_tiny", *data, "train.max_iters=3", "--work-dir", str(other)]
+    assert main([*argv, "--resume", "--no-progress"]) == 2
+    assert (
+        "lacks the training state (optimizer, scheduler, iteration, rng): it holds a model only"
+        in _one_error(capsys)
+    )
+    # a text file as backbone_weights, a training checkpoint as dino_weights
+    text = tmp_path / "weights.txt"
+    text.write_text("hello\n")
+    assert main(["configs", "synthetic_tiny"]) == 0
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--config",
+        "synthetic_tiny",
+        f"model.backbone_weights={text}",
+        "--work-dir",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 2
+    assert f"{text} is not a weights file (a torch.save archive or .safetensors)" in _one_error(capsys)
+    argv = ["train", "--config", "synthetic_tiny", f"model.dino_weights={work / 'last.pth'}"]
+    assert main([*argv, "--work-dir", str(tmp_path / "d")]) == 2
+    message = _one_error(capsys)
+    assert f"{work / 'last.pth'} is an ecaseg training checkpoint" in message and "pretrain-dino" in message
+
+
+def test_dataloader_worker_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _folder_dataset(tmp_path / "data")
+    (tmp_path / "data" / "images" / "im1.png").write_bytes(b"\x89PNG not really")
+    argv = ["train", "--config", "synthetic_tiny", *data, "data.num_workers=1", "train.max_iters=2"]
+    assert main([*argv, "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
+    message = _one_error(capsys)
+    assert message.startswith("ecaseg train: error: cannot decode image file"), message
+    assert "(in DataLoader worker process 0)" in message and "Original Traceback" not in message
+
+
+def test_crf_takes_bf16_probabilities_and_names_meta_tensors() -> None:
+    from ecaseg.crf import crf_batch
+
+    images = np.random.default_rng(0).integers(0, 255, (1, 3, 6, 6), dtype=np.uint8)
+    probs = torch.rand(1, 2, 6, 6).softmax(1)
+    bf16 = probs.bfloat16()
+    assert torch.equal(crf_batch(images, bf16, num_workers=0), crf_batch(images, bf16.float(), num_workers=0))
+    with pytest.raises(ValueError, match=r"a meta tensor \(1, 2, 6, 6\) holds no values"):
+        crf_batch(images, torch.empty(1, 2, 6, 6, device="meta"), num_workers=0)
+
+
+def test_ctrl_c_during_crf_workers_prints_no_worker_tracebacks(
+    run: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    work, _ = run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        cv2.imwrite(str(photos / f"{i:03d}.png"), rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    cmd = [sys.executable, "-m", "ecaseg.cli", "predict", "--checkpoint", str(work / "last.pth"), str(photos)]
+    cmd += ["--out", str(tmp_path / "out"), "--crf", "--crf-workers", "2", "--scales", "1.0", "--no-flip"]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "out").glob("*.png")):
+        time.sleep(0.1)
+    # a terminal's Ctrl-C reaches the whole process group: the main process and its workers
+    for pid in [proc.pid, *_children(proc.pid)]:
+        os.kill(pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "ecaseg predict: interrupted" in err
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        pytest.skip("no /proc children list on this system")
+    return [int(p) for p in text.split()]
