@@ -518,7 +518,7 @@ def test_labels_class_and_id_files_utf8_with_or_without_bom(tmp_path: Path) -> N
     with pytest.raises(DatasetError, match=f"labels file {labels} is not UTF-8 text \\(byte 0xe2"):
         parse_labels_file(labels, ("background", "cat"))
     ids.write_bytes("ch\xe2teau\n".encode("latin-1"))
-    with pytest.raises(DatasetError, match="id list .* is not UTF-8 text"):
+    with pytest.raises(DatasetError, match=r"id list .* is not UTF-8 text"):
         read_id_file(ids)
 
 
@@ -533,7 +533,7 @@ def test_eval_cam_alpha_is_gone_and_warned(tmp_path: Path) -> None:
 def test_devices_must_be_available(
     run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    work, data = run
+    work, _ = run
     mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
     available = {"mps": mps is not None and mps.is_available(), "xpu": xpu is not None and xpu.is_available()}
