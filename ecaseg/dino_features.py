@@ -93,7 +93,7 @@ def _grid_int(v: object) -> int:
     """A grid side: an int (Python or an integer-valued 0-d tensor), never a float that would be truncated."""
     if isinstance(v, bool):
         raise TypeError("grid side")
-    return operator.index(v)
+    return operator.index(v)  # type: ignore[arg-type]  # TypeError for floats is the point
 
 
 def _describe(x: object) -> str:

@@ -102,7 +102,8 @@ def _stderr_captured() -> Iterator[list[bytes]]:
 
 def _libjpeg_messages(captured: list[bytes]) -> list[str]:
     """libjpeg's lines of the captured output; other lines (another thread's) go back to stderr."""
-    mine, others = [], []
+    mine: list[str] = []
+    others: list[str] = []
     for line in b"".join(captured).decode("utf-8", "replace").splitlines():
         (mine if "JPEG" in line or "Huffman" in line else others).append(line)
     if others:
