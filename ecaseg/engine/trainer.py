@@ -705,8 +705,9 @@ class ECATrainer:
 
 
 def check_class_names(ckpt: dict[str, Any], current: list[str] | tuple[str, ...], where: str) -> None:
-    """Raise :class:`CheckpointError` if the checkpoint's class names differ from ``current`` (order
-    included: a reordered ``classes.txt`` would swap the labels); a side without names is not compared."""
+    """Raise :class:`~ecaseg.errors.CheckpointError` if the checkpoint's class names differ from ``current``
+    (order included: a reordered ``classes.txt`` would swap the labels); a side without names is not
+    compared."""
     saved = list(ckpt.get("class_names") or [])
     if not saved or not current:
         return
