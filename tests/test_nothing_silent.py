@@ -647,3 +647,34 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pytest.skip("no /proc children list on this system")
     return [int(p) for p in text.split()]
+
+
+# --- the demo's report, for a reader without the paper ------------------------------------------------------
+
+
+def test_demo_report_explains_its_terms_and_the_panels_protocol() -> None:
+    from ecaseg.engine.demo import METRIC_NAMES, _report
+
+    metrics: dict[str, object] = {key: 0.5 for key in METRIC_NAMES}
+    metrics.update(
+        seed=0, quick=True, overrides=[], seconds=1.0, ratio=1.02, ratio_plain=0.9,
+        protocol={"scales": [1.0], "merge": "max", "resize_long": 0, "flip": True, "crf": True},
+    )  # fmt: skip
+    results = {name: {"seg": {"per_class_iou": [0.5, 0.5]}} for name in ("eca", "baseline", "supervised")}
+    report = _report(metrics, results, ["background", "disc"])
+    assert "## Terms" in report
+    for term in ("**CAM**", "**CARM**", "**PAR**", "**alpha**", "**pseudo-label**", "**mIoU**"):
+        assert report.index(term) < report.index("## Targets"), term  # explained before it is used
+    assert "It is a reference, not a ceiling" in report and "`ratio` can exceed 100 %" in report
+    assert "no flip and no CRF (the `seg_miou_plain` protocol, not the headline's)" in report
+    assert "Table 4's CAM column" not in report and "the L_seg target" not in report
+
+
+def test_the_demo_folder_is_ignored_by_git() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(
+        ["git", "check-ignore", "-q", "ecaseg_demo/report.md"], cwd=root, capture_output=True, check=False
+    )
+    assert out.returncode == 0, "ecaseg demo's default --out folder is not ignored by git"
