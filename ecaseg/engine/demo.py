@@ -269,7 +269,7 @@ def _report(metrics: dict[str, Any], results: dict[str, dict[str, Any]], class_n
         "classes (background included).",
         "- **CAM** (class activation map): where the image classifier finds evidence of a labelled class. "
         "Thresholded into a label map, each pixel goes to its most active class, or to the background "
-        "where no class map reaches **alpha** (`method.alpha`, in (0, 1); the maps are normalised to [0, 1]).",
+        "where no class map reaches **alpha** (`method.alpha`, in (0, 1); maps are normalised to [0, 1]).",
         "- **CARM** (class-aware affinity region map, ECA's contribution): the CAM's most confident pixels "
         "(seeds) spread to the pixels that a frozen self-supervised vision transformer finds similar, then "
         "corrected with one mean feature (prototype) per class; thresholded like the CAM.",
