@@ -678,3 +678,23 @@ def test_the_demo_folder_is_ignored_by_git() -> None:
         ["git", "check-ignore", "-q", "ecaseg_demo/report.md"], cwd=root, capture_output=True, check=False
     )
     assert out.returncode == 0, "ecaseg demo's default --out folder is not ignored by git"
+
+
+def test_sighup_is_left_ignored_under_nohup() -> None:
+    """``nohup ecaseg train ...`` ignores SIGHUP: the run must go on when the terminal closes."""
+    from ecaseg.engine.trainer import ECATrainer
+
+    trainer = ECATrainer.__new__(ECATrainer)
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        previous = trainer._install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in previous
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        previous = trainer._install_signal_handlers()
+        assert signal.SIGHUP in previous and callable(signal.getsignal(signal.SIGHUP))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    finally:
+        signal.signal(signal.SIGHUP, old)

@@ -540,8 +540,13 @@ class ECATrainer:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._stop_signal = signum
 
-        # SIGHUP: a closed terminal or ssh session stops the run like SIGTERM (checkpoint, then exit)
-        for sig in (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())):
+        # SIGHUP: a closed terminal or ssh session stops the run like SIGTERM (checkpoint, then exit), unless
+        # it is ignored (nohup): then the run goes on, as its user asked
+        hup = getattr(signal, "SIGHUP", None)
+        watched = [signal.SIGINT, signal.SIGTERM]
+        if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+            watched.append(hup)
+        for sig in watched:
             with contextlib.suppress(ValueError):  # not in the main thread
                 previous[sig] = signal.signal(sig, handler)
         return previous
