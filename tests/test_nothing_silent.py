@@ -550,6 +550,8 @@ def test_devices_must_be_available(
     run_doctor("synthetic_tiny", ["train.device=meta"], time_steps=0)
     out = capsys.readouterr().out
     assert "fail  train.device: train.device meta is not available here" in out, out
+    assert main(["pretrain-dino", "--synthetic", "--out", str(tmp_path / "v.pth"), "--device", "meta"]) == 2
+    assert "DINOPretrainConfig.device meta is not available here" in capsys.readouterr().err
 
 
 def test_checkpoints_of_the_wrong_kind_are_named(

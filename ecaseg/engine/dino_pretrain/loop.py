@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ecaseg.dino_affinity import DINO_VARIANTS, build_vit
+from ecaseg.engine.config import resolve_device
 from ecaseg.engine.dino_pretrain.augment import multi_crop
 from ecaseg.engine.dino_pretrain.config import DINOPretrainConfig
 from ecaseg.engine.dino_pretrain.data import _as_dataset, _SquareImages
 from ecaseg.engine.dino_pretrain.head import DINOHead, _MultiCropNet
 from ecaseg.engine.dino_pretrain.loss import dino_loss, ema_update, teacher_entropies, update_center
 from ecaseg.engine.dino_pretrain.schedule import cosine_schedule
-from ecaseg.errors import CheckpointError, ConfigError, EcasegError
+from ecaseg.errors import CheckpointError, EcasegError
 from ecaseg.utils.io import atomic_save_torch, check_writable
 
 _LOG = logging.getLogger("ecaseg.engine.dino_pretrain")  # the package's logger (its name before the split)
@@ -40,12 +41,7 @@ __all__ = ["pretrain_dino", "resume_path"]
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"DINOPretrainConfig.device={name!r} is not a device: {err}") from None
+    return resolve_device(name, "DINOPretrainConfig.device")
 
 
 def _build_nets(cfg: DINOPretrainConfig, device: torch.device) -> tuple[_MultiCropNet, _MultiCropNet]:
