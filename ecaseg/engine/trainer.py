@@ -65,14 +65,7 @@ from ecaseg.seg_loss import classification_loss, segmentation_loss
 from ecaseg.utils.dist import get_rank, get_world_size, is_distributed, is_main_process
 from ecaseg.utils.io import atomic_save_torch, atomic_write_text, json_dumps_finite, weights_file_problem
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "ECATrainer",
-    "StepOutput",
-    "check_class_names",
-    "load_checkpoint",
-    "poly_lr_lambda",
-]
+__all__ = ["CHECKPOINT_FORMAT", "ECATrainer", "StepOutput", "load_checkpoint", "poly_lr_lambda"]
 
 CHECKPOINT_FORMAT = "ecaseg-checkpoint-v1"
 logger = logging.getLogger("ecaseg.train")
@@ -130,7 +123,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read an ecaseg checkpoint, with a clear error if it is missing or of another kind."""
     path = Path(path)
     if path.is_dir():
-        inside = [p.name for p in sorted(path.glob("*.pth"))[:3]]
+        inside = [p.name for p in sorted(path.glob("*.pth"))]
         raise CheckpointError(
             f"checkpoint {path} is a folder; give the checkpoint file"
             + (f", e.g. {path / inside[0]}" if inside else " (ecaseg train writes WORK_DIR/last.pth)")
