@@ -700,3 +700,11 @@ def test_sighup_is_left_ignored_under_nohup() -> None:
             signal.signal(sig, handler)
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_demo_quick_help_states_the_measured_cpu_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "under 2 minutes" not in text  # three trainings took about 16 CPU-minutes, not 2
+    assert "974 s of CPU time" in text
