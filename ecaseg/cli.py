@@ -747,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller run: three trainings of 100 iterations (measured: 974 s of CPU time, about 16 "
-        "CPU-minutes; the wall time depends on the free cores)",
+        help="a smaller run: three trainings of 100 iterations (measured: 171 s with one thread on a 2-core "
+        "machine; much longer when the cores are busy with other work)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for all three runs")
