@@ -104,3 +104,75 @@ def check_multi_hot(labels: Tensor, name: str = "labels") -> None:
             f"{name} must be multi-hot image-level labels (0 or 1 per class), got {count} other value(s), "
             f"e.g. {example:.4g}; pass (scores > threshold).float() for classifier scores"
         )
+
+
+def check_float_dtype(x: Tensor, name: str, hint: str) -> None:
+    """Raise ``TypeError`` unless ``x`` is a floating-point tensor (``hint`` says how to convert)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {got}; {hint}")
+
+
+def check_number(
+    value: object,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float after checking it is a finite real number in the given range.
+
+    ``low``/``high`` are inclusive bounds unless ``low_open``/``high_open``; ``None`` leaves that side open.
+
+    Example:
+        >>> check_number(0.3, "w1", 0.0, low_open=True)
+        0.3
+        >>> check_number(-1, "w2", 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: w2 must be a finite number in [0, inf), got -1
+    """
+    interval = (
+        f"{'(' if low_open or low is None else '['}{'-inf' if low is None else f'{low:g}'}, "
+        f"{'inf' if high is None else f'{high:g}'}{')' if high_open or high is None else ']'}"
+    )
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    v = float(value) if not bad else float("nan")  # type: ignore[arg-type]
+    if not bad and v == v and abs(v) != float("inf"):
+        too_low = low is not None and (v <= low if low_open else v < low)
+        too_high = high is not None and (v >= high if high_open else v > high)
+        if not (too_low or too_high):
+            return v
+    raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+def class_names_mismatch(
+    saved: list[str] | tuple[str, ...], current: list[str] | tuple[str, ...]
+) -> str | None:
+    """Describe how two class-name lists (background first) differ, order included, or ``None`` if equal.
+
+    Example:
+        >>> class_names_mismatch(["background", "cat", "dog"], ["background", "dog", "cat"])
+        "index 1 is 'cat' in the checkpoint but 'dog' here; index 2 is 'dog' in the checkpoint but 'cat' here"
+    """
+    saved, current = list(saved), list(current)
+    if [_norm_name(n) for n in saved] == [_norm_name(n) for n in current]:
+        return None
+    if len(saved) != len(current):
+        return (
+            f"{len(saved)} classes in the checkpoint ({', '.join(saved)}) but {len(current)} here "
+            f"({', '.join(current)})"
+        )
+    diffs = [
+        f"index {i} is {a!r} in the checkpoint but {b!r} here"
+        for i, (a, b) in enumerate(zip(saved, current))
+        if _norm_name(a) != _norm_name(b)
+    ]
+    return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+
+
+def _norm_name(name: str) -> str:
+    """Class names compare case-insensitively, ``_`` = space (as the labels files read them)."""
+    return " ".join(str(name).strip().lower().replace("_", " ").split())

@@ -84,7 +84,8 @@ def minmax_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
         eps: Smallest range used as divisor.
 
     Returns:
-        Tensor of the same shape and dtype with values in ``[0, 1]``.
+        Tensor of the same shape and dtype with values in ``[0, 1]`` (float32 for integer or bool input:
+        normalised values are fractions).
 
     Example:
         >>> minmax_normalize(torch.tensor([[[1.0, 3.0, 2.0]]]))
@@ -96,7 +97,7 @@ def minmax_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     lo = flat.amin(dim=-1, keepdim=True)
     hi = flat.amax(dim=-1, keepdim=True)
     out = (flat - lo) / (hi - lo).clamp_min(eps)
-    return out.reshape(x.shape).to(x.dtype)
+    return out.reshape(x.shape).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
 def cam_from_features(features: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

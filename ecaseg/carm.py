@@ -398,8 +398,11 @@ class CARMGenerator(nn.Module):
             )
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
-        if not math.isfinite(gamma):
-            raise ValueError(f"gamma must be finite, got {gamma}")
+        if not (math.isfinite(gamma) and -1.0 <= gamma < 1.0):
+            raise ValueError(
+                f"gamma thresholds cosine similarities (Eq. (6)) and must be in [-1, 1), got {gamma}; above "
+                "any cosine no patch is connected and every CARM is zero (paper: 0.15)"
+            )
         if fg_cue not in FG_CUES:
             raise ValueError(f"fg_cue must be one of {FG_CUES}, got {fg_cue!r}")
         if calibrate and feature_dim is None:
@@ -594,6 +597,11 @@ class CARMGenerator(nn.Module):
         """
         self._check_inputs(cams, labels, dino, features)
         batch = cams.shape[0]
+        if batch == 0:  # an empty batch: empty maps (no prototype update)
+            hd, wd = dino.grid
+            empty = cams.new_zeros(0, self.num_classes, *cams.shape[-2:], dtype=torch.float32)
+            seeds = torch.zeros(0, self.num_classes, hd * wd, dtype=torch.bool, device=cams.device)
+            return CARMOutput(carm=empty, carm_raw=empty, seeds=seeds)
         present = _present_classes(labels, batch, self.num_classes)
         hd, wd = dino.grid
         cam_hw = (cams.shape[-2], cams.shape[-1])

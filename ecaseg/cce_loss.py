@@ -203,7 +203,8 @@ def cce_loss(
             reads values back to the host. Shapes are always checked.
 
     Returns:
-        scalar loss (float32): the sum over views of Eq. (11)'s per-view terms, averaged over the batch.
+        scalar loss (float32): the sum over views of Eq. (11)'s per-view terms, averaged over the batch
+        (0 for an empty batch).
 
     Example:
         >>> cams = torch.zeros(1, 1, 2, 1, 2)
@@ -247,6 +248,10 @@ def cce_loss(
         check_view_geometry(geometry, (int(ghw[0]), int(ghw[1])))
     if max_patches < 2:
         raise ValueError(f"max_patches must be >= 2, got {max_patches}")
+    if (
+        b == 0
+    ):  # an empty batch contributes nothing (a zero that keeps the graph, not the NaN of an empty mean)
+        return local_cams.float().sum() * 0.0
     n = h * w
     cams = local_cams.float()
     if labels is not None:

@@ -10,8 +10,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from ecaseg.engine.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    resolve_device,
 )
 from ecaseg.engine.dino_pretrain import DINOPretrainConfig, pretrain_dino
 from ecaseg.engine.evaluation import eval_loader, evaluate_segmentation
@@ -54,13 +57,13 @@ from ecaseg.engine.inference import (
     write_png,
 )
 from ecaseg.engine.pseudo import PseudoLabelPipeline
-from ecaseg.engine.trainer import ECATrainer, check_compatible, load_checkpoint
+from ecaseg.engine.trainer import ECATrainer, check_class_names, check_compatible, load_checkpoint
 from ecaseg.engine.visualize import heatmap, label_panel, panel_row, to_rgb_uint8
 from ecaseg.errors import CheckpointError, ConfigError, DatasetError, EcasegError
 from ecaseg.metrics import SegmentationMetric, format_iou_table
 from ecaseg.models import ECANet
 from ecaseg.utils.dist import finish_distributed, init_distributed, is_main_process
-from ecaseg.utils.io import atomic_write_text
+from ecaseg.utils.io import atomic_write_text, check_writable, json_dumps_finite
 
 __all__ = [
     "build_parser",
@@ -74,15 +77,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is visible; use --device auto or cpu")
-    return device
+    return resolve_device(name, "--device")
 
 
 def _load_network(args: argparse.Namespace) -> tuple[Config, ECANet, dict[str, Any]]:
@@ -132,9 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     if is_main_process():
-        print(
-            json.dumps({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}, indent=2)
-        )
+        print(json_dumps_finite({"work_dir": str(args.work_dir), "iteration": trainer.iteration, **metrics}))
     return 0
 
 
@@ -185,11 +178,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out:
+        check_writable(args.out, "--out")  # before the run, not after it
     cfg, net, ckpt = _load_network(args)
     device = _device(args.device)
     net.to(device)
     split = args.split or cfg.data.val_split
     dataset = build_dataset(cfg, split, train=False)
+    check_class_names(ckpt, getattr(dataset, "class_names", ()), f"the dataset of split {split!r}")
     ev = _protocol(cfg, args)
     result = evaluate_segmentation(
         net,
@@ -223,8 +219,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     print(format_iou_table(result["per_class_iou"], class_names, title=f"{cfg.name} ({split})"))
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=True))
+        atomic_write_text(args.out, json_dumps_finite(report, str(args.out)))
     return 0
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under ``root``, symlinked subfolders followed (each real folder once: a link back up the
+    tree is reported on stderr and not followed again)."""
+    found: list[Path] = []
+    seen: dict[str, str] = {}
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            print(
+                f"ecaseg: note: {folder} is a link to {seen[real]}, already searched; not searched again",
+                file=sys.stderr,
+            )
+            subdirs[:] = []
+            continue
+        seen[real] = folder
+        subdirs.sort()
+        found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
@@ -232,7 +248,7 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _walk_images(path)
             if not found:
                 raise DatasetError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
@@ -284,9 +300,32 @@ def _plan_outputs(inputs: Sequence[str], out_dir: Path) -> list[tuple[Path, Path
     return plan
 
 
+def _check_images(plan: list[tuple[Path, Path, Path]], skip_bad: bool) -> tuple[list[Any], list[str]]:
+    """Decode every input before any work: the first undecodable one stops the run (named), or with
+    ``skip_bad`` all of them are left out of the plan and returned as messages."""
+    good: list[Any] = []
+    bad: list[str] = []
+    for entry in tqdm(plan, desc="check images", disable=len(plan) < 50):
+        try:
+            read_image(entry[0], corrupt="error")
+        except DatasetError as err:
+            if not skip_bad:
+                raise DatasetError(
+                    f"{err}; nothing was predicted (pass --skip-bad to predict the other images and list "
+                    "the undecodable ones)"
+                ) from None
+            bad.append(str(err))
+            continue
+        good.append(entry)
+    return good, bad
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     plan = _plan_outputs(args.inputs, out_dir)  # refuse before loading anything
+    plan, bad = _check_images(plan, args.skip_bad)
+    if not plan:
+        raise DatasetError(f"none of the {len(bad)} input images can be decoded: {bad[0]}")
     cfg, net, _ = _load_network(args)
     device = _device(args.device)
     net.to(device).eval()
@@ -294,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def images() -> Iterator[tuple[tuple[np.ndarray, Path, Path], Tensor]]:
         for path, mask_file, overlay_file in tqdm(plan, desc="predict"):
-            image = read_image(path)
+            image = read_image(path, corrupt="error")
             yield (image, mask_file, overlay_file), to_network_input(image, torch.device("cpu"))[0]
 
     for (image, mask_file, overlay_file), label in predict_batched(
@@ -316,6 +355,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_png(mask_file, label_map, palette=True)
         write_png(overlay_file, overlay(image, label_map))
     print(f"wrote {len(plan)} predictions (label PNG + overlay each) to {out_dir}")
+    if bad:
+        print(f"skipped {len(bad)} undecodable image(s) (--skip-bad):", file=sys.stderr)
+        for message in bad:
+            print(f"  {message}", file=sys.stderr)
     return 0
 
 
@@ -335,8 +378,16 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     net.to(device).eval()
     split = args.split or cfg.data.train_split
     dataset = build_dataset(cfg, split, train=False)
-    labeler = _labeler(cfg, net, ckpt, device)
+    check_class_names(ckpt, getattr(dataset, "class_names", ()), f"the dataset of split {split!r}")
+    if not getattr(dataset, "has_labels", True):
+        raise DatasetError(
+            f"split {split!r} has no image-level labels (e.g. VOC test): pseudo-labels keep only the "
+            "labelled classes, so every label would be background; choose a split with labels "
+            "(--split train_aug, val) or label the images first"
+        )
     out_dir = Path(args.out)
+    _check_fresh_output(out_dir)
+    labeler = _labeler(cfg, net, ckpt, device)
     has_carm = labeler.dino is not None
     metrics = {"cam": SegmentationMetric(net.num_classes), "carm": SegmentationMetric(net.num_classes)}
     with_masks = bool(getattr(dataset, "has_masks", False))
@@ -358,10 +409,26 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
         summary = {"cam_pseudo_miou": metrics["cam"].compute()["miou"]}
         if has_carm:
             summary["carm_pseudo_miou"] = metrics["carm"].compute()["miou"]
-        atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
-        print(json.dumps(summary, indent=2))
+        text = json_dumps_finite(summary, str(out_dir / "metrics.json"))
+        atomic_write_text(out_dir / "metrics.json", text)
+        print(text)
     print(f"wrote pseudo-labels to {out_dir}")
     return 0
+
+
+def _check_fresh_output(out_dir: Path) -> None:
+    """Refuse an ``--out`` folder that holds an earlier ``pseudo-labels`` run (its labels would stay beside
+    the new ones, and ``metrics.json`` would describe only the new ones)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"--out {out_dir} is a file; give a folder for the pseudo-labels")
+    earlier = [p for p in (out_dir / "cam", out_dir / "carm", out_dir / "metrics.json") if p.exists()]
+    if earlier:
+        raise DatasetError(
+            f"--out {out_dir} holds an earlier run's pseudo-labels ({', '.join(p.name for p in earlier)}); "
+            "a new run there would mix the two: choose a new --out folder or delete those first"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir / "metrics.json", "--out")
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -370,6 +437,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     net.to(device).eval()
     split = args.split or cfg.data.val_split
     dataset = build_dataset(cfg, split, train=False)
+    check_class_names(ckpt, getattr(dataset, "class_names", ()), f"the dataset of split {split!r}")
     ids = list(getattr(dataset, "ids", []))
     if args.ids:
         missing = [i for i in args.ids if i not in ids]
@@ -472,6 +540,11 @@ def build_pretrain_dino_parser(parser: argparse.ArgumentParser | None = None) ->
         "--synthetic-object-scale", type=float, default=None, help="SyntheticConfig.object_scale (1.8)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out images that cannot be decoded (listed at the end); default: stop before training",
+    )
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     for f in dataclasses.fields(DINOPretrainConfig):
         default = getattr(DINOPretrainConfig, f.name)
@@ -516,7 +589,7 @@ def run_pretrain_dino(args: argparse.Namespace) -> Path:
         images = SyntheticWSSSDataset("train", syn)
     else:
         images = args.images
-    return pretrain_dino(images, args.out, cfg, progress=not args.no_progress)
+    return pretrain_dino(images, args.out, cfg, progress=not args.no_progress, skip_bad=args.skip_bad)
 
 
 def pretrain_dino_main(argv: Sequence[str] | None = None) -> int:
@@ -539,11 +612,16 @@ def _pretrain_dino_command(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        out = run_pretrain_dino(args)
-    except EcasegError as err:
-        print(f"dino-pretrain: error: {' '.join(str(err).split())}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            out = run_pretrain_dino(args)
+    except (EcasegError, OSError) as err:
+        text = str(err) if isinstance(err, EcasegError) or not err.strerror else err.strerror
+        print(f"dino-pretrain: error: {' '.join(text.split())}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - start:.0f} s")
+    for w in caught:  # the images left out with --skip-bad (and any other warning), after the work
+        print(f"dino-pretrain: warning: {w.message}", file=sys.stderr)
     return 0
 
 
@@ -593,6 +671,20 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_error(message: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch puts the worker's whole
+    traceback into it: ``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``)."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        head, sep, rest = lines[i].partition(": ")
+        if sep and not lines[i].startswith(" ") and head.replace(".", "").replace("_", "").isalnum():
+            where = lines[0].removeprefix("Caught ").split(" ", 1)[-1].rstrip(".")
+            return "\n".join([f"{rest} ({where})", *lines[i + 1 :]])
+    return message
+
+
 def one_line(message: str) -> str:
     r"""Fold a multi-line error (e.g. a dataset layout tree) into one line for stderr.
 
@@ -600,6 +692,7 @@ def one_line(message: str) -> str:
         >>> one_line("root missing; expected layout:\nroot/\n├── images/   (jpg)\n└── masks/")
         'root missing; expected layout: root/ images/ masks/'
     """
+    message = _worker_error(message)
     first, *rest = message.strip().splitlines() or [""]
     parts = []
     for line in rest:
@@ -678,6 +771,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt(p)
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out images that cannot be decoded (listed at the end); default: stop before any work",
+    )
     add_protocol(p)
     p.set_defaults(func=cmd_predict, overrides=[])
 
@@ -701,7 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded synthetic WSSS benchmark, end to end (no downloads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("ecaseg_demo"))
-    p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run: three trainings of 100 iterations (measured: 171 s with one thread on a 2-core "
+        "machine; much longer when the cores are busy with other work)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for all three runs")
     p.set_defaults(func=cmd_demo)

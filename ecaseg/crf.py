@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ecaseg.errors import ConfigError, MissingDependencyError
+from ecaseg.utils.workers import ignore_sigint
 
 __all__ = [
     "CRF_BACKENDS",
@@ -533,6 +534,10 @@ def _worker(args: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise ValueError(f"a meta tensor {tuple(x.shape)} holds no values (a shape only); pass real data")
+        if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+            x = x.float()
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -594,7 +599,7 @@ def crf_batch(
         if workers <= 1 or len(jobs) <= 1:
             results = [_worker(j) for j in jobs]
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint) as pool:
                 results = list(pool.map(_worker, jobs))
     if not results:
         return torch.zeros(0, *imgs.shape[1:3], dtype=torch.long)

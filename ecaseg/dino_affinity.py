@@ -26,8 +26,10 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ecaseg._checks import check_float_dtype
 from ecaseg.dino_features import PAPER_CARM_SETTINGS, CARMSettings, DINOFeatures
 from ecaseg.errors import CheckpointError, ConfigError
+from ecaseg.utils.io import weights_file_problem
 
 __all__ = [
     "DINO_VARIANTS",
@@ -509,7 +511,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects, ...
-        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
+        raise CheckpointError(
+            weights_file_problem(
+                p, err, "DINO weights are a ViT state dict, e.g. what ecaseg pretrain-dino writes"
+            )
+        ) from err
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -931,6 +937,20 @@ class DINOAffinity(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"DINOAffinity expects images [B, 3, H, W], got {tuple(images.shape)}")
+        check_float_dtype(
+            images,
+            "DINOAffinity images",
+            "the ViT expects ImageNet-normalised floats: (images.float() / 255 - mean) / std "
+            "(ecaseg.engine.inference.to_network_input does this for uint8 HWC arrays)",
+        )
+        if images.shape[0] == 0:  # an empty batch: empty features of the right sizes
+            one = self.forward(images.new_zeros(1, *images.shape[1:]), with_tokens=with_tokens)
+            return DINOFeatures(
+                keys=one.keys[:0],
+                cls_query=one.cls_query[:0],
+                tokens=one.tokens[:0] if one.tokens is not None else None,
+                grid=one.grid,
+            )
         images = fit_to_patch(images, self.patch_size, resize=self.resize_to_patch)
         images = images.to(self.vit.patch_embed.proj.weight.dtype)
         use_amp = self.autocast and images.device.type == "cuda"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -130,9 +131,9 @@ class DINOFeatures:
                 f"got {_describe(self.cls_query)}"
             )
         try:
-            h, w = (int(v) for v in self.grid)
+            h, w = (_grid_int(v) for v in self.grid)
         except (TypeError, ValueError):
-            raise ValueError(f"DINOFeatures: grid must be (h, w), got {self.grid!r}") from None
+            raise ValueError(f"DINOFeatures: grid must be (h, w) of integers, got {self.grid!r}") from None
         if h < 1 or w < 1:
             raise ValueError(f"DINOFeatures: grid must be positive, got {self.grid!r}")
         if h * w != n:
@@ -160,6 +161,13 @@ class DINOFeatures:
     def num_patches(self) -> int:
         """``N = h * w``."""
         return int(self.keys.shape[1])
+
+
+def _grid_int(v: object) -> int:
+    """A grid side: an int (Python or an integer-valued 0-d tensor), never a float that would be truncated."""
+    if isinstance(v, bool):
+        raise TypeError("grid side")
+    return operator.index(v)  # type: ignore[arg-type]  # TypeError for floats is the point
 
 
 def _describe(x: object) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecaseg._checks import check_finite
+from ecaseg._checks import check_finite, check_float_dtype, check_number
 
 __all__ = ["PAR", "neighbour_offsets", "par_refine"]
 
@@ -84,6 +84,18 @@ def _position_kernel(
     return _POSITION_KERNELS[key]
 
 
+_MASKS_HINT = (
+    "PAR averages class scores or probabilities over neighbours, so an integer map would be truncated to 0; "
+    "pass masks.float() (one-hot or probability maps)"
+)
+
+
+def _check_weights(w1: float, w2: float) -> None:
+    """``w1 > 0`` divides the colour and position differences; ``w2 >= 0`` weighs the position kernel."""
+    check_number(w1, "PAR w1 (kernel temperature)", 0.0, low_open=True)
+    check_number(w2, "PAR w2 (position kernel weight)", 0.0)
+
+
 def par_refine(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -124,6 +136,9 @@ def par_refine(
         raise ValueError(f"masks must be [B, K, h, w] with B={images.shape[0]}, got {tuple(masks.shape)}")
     if len(dilations) == 0 or min(dilations) < 1:
         raise ValueError(f"dilations must be positive integers, got {tuple(dilations)}")
+    _check_weights(w1, w2)
+    check_float_dtype(masks, "masks", _MASKS_HINT)
+    check_float_dtype(images, "images", "pass images.float()")
     out_dtype = masks.dtype
     imgs = images.float()
     maps = masks.float()
@@ -173,6 +188,7 @@ class PAR(nn.Module):
             raise ValueError(f"dilations must be positive integers, got {tuple(dilations)}")
         if num_iter < 0:
             raise ValueError(f"num_iter must be >= 0, got {num_iter}")
+        _check_weights(w1, w2)
         self.dilations = tuple(int(d) for d in dilations)
         self.num_iter = num_iter
         self.w1 = w1

@@ -96,6 +96,12 @@ def prototype_momentum_update(
     batch, n = tokens.shape[:2]
     if seeds.shape != (batch, num_classes, n):
         raise ValueError(f"seeds must be [B, K, N] = [{batch}, {num_classes}, {n}], got {tuple(seeds.shape)}")
+    if seeds.dtype != torch.bool:
+        raise TypeError(
+            f"seeds must be a bool mask [B, K, N], got {seeds.dtype}; a float map would weight the tokens by "
+            "its values (and 0.5 is not a seed): pass the bool seeds of ecaseg.carm.select_seeds, or "
+            "scores > threshold"
+        )
     with _no_autocast(tokens.device):
         s = seeds.float()
         t = tokens.detach().float()

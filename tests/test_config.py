@@ -119,13 +119,13 @@ def test_a_0_1_checkpoint_config_keeps_0_1_behaviour() -> None:
     [
         ("train.log_interval=0", "train.log_interval must be >= 1, got 0"),
         ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
-        ("method.cam_scales=[0]", "method.cam_scales must be positive"),
+        ("method.cam_scales=[0]", "method.cam_scales must hold finite values in (0, 4], got [0.0]"),
         ("data.synthetic_num_train=0", "data.synthetic_num_train must be >= 1, got 0"),
         ("train.device=banana", "train.device 'banana' is not a torch device"),
         ("method.lambda_seg=-0.1", "method.lambda_seg must be a finite number >= 0"),
         ("optim.warmup_iters=-5", "optim.warmup_iters must be >= 0"),
         ("train.ckpt_interval=-1", "train.ckpt_interval must be >= 0"),
-        ("optim.lr=inf", "optim.lr must be finite"),
+        ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
         ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0"),
     ],
 )

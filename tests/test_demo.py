@@ -57,7 +57,7 @@ def test_quick_demo_writes_report_metrics_and_figures(
     report = (tmp_path / "report.md").read_text()
     assert "seg_miou" in report and "| mIoU" in report
     assert (
-        "## Targets" in report and "CARM pseudo-label: the CARM refined by PAR" in report
+        "## Targets" in report and "CARM pseudo-label: the CARM label after PAR" in report
     )  # names explained
     assert "(IoU %)" in report
     for figure in ("panels.png", "per_class_iou.png"):

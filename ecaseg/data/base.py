@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ecaseg.data.io import read_image, read_mask
 from ecaseg.errors import DatasetError
+from ecaseg.utils.io import read_text_utf8
 
 __all__ = ["IMAGE_EXTENSIONS", "SegmentationDataset", "Transform", "read_id_file"]
 
@@ -39,9 +40,11 @@ def read_id_file(path: str | os.PathLike[str]) -> list[str]:
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_text_utf8(file, "id list")
     except OSError as exc:
         raise DatasetError(f"cannot read id list {file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     ids = []
     for line in text.splitlines():
         line = line.strip()

@@ -16,6 +16,7 @@ from ecaseg.data.base import IMAGE_EXTENSIONS, SegmentationDataset, Transform, m
 from ecaseg.data.classes import VOC_CLASSES
 from ecaseg.data.labels import load_or_compute_mask_labels
 from ecaseg.errors import DatasetError
+from ecaseg.utils.io import read_text_utf8
 
 __all__ = ["FolderDataset", "parse_labels_file", "resolve_class_names"]
 
@@ -27,7 +28,8 @@ def _norm(name: str) -> str:
 def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | None) -> tuple[str, ...]:
     """K class names, background first, from names, a text file (one name per line) or None (VOC).
 
-    A leading ``"background"`` is added when missing.
+    A leading ``"background"`` is added when missing. Names that are integers (``"0"``, ``"12"``) are
+    refused: labels files read numbers as class indices, so such a name would be read as another class.
 
     Example:
         >>> resolve_class_names(["cat", "dog"])
@@ -38,9 +40,11 @@ def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | No
     if isinstance(class_names, (str, os.PathLike)):
         file = Path(class_names).expanduser()
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            lines = read_text_utf8(file, "class names file").splitlines()
         except OSError as exc:
             raise DatasetError(f"cannot read class names file {file}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
         names = [str(n).strip() for n in class_names]
@@ -50,6 +54,12 @@ def resolve_class_names(class_names: Sequence[str] | str | os.PathLike[str] | No
     for name in names:
         if not name:
             raise DatasetError("class names must not be empty")
+        if re.fullmatch(r"[+-]?\d+", name):
+            raise DatasetError(
+                f"class name {name!r} is a number: labels files read numbers as class indices (background = "
+                "0), so such a name would be confused with another class; give the classes words, e.g. "
+                f"'class_{name.lstrip('+-')}'"
+            )
         if _norm(name) in seen:
             raise DatasetError(f"class name {name!r} appears twice (as {seen[_norm(name)]!r})")
         seen[_norm(name)] = name
@@ -114,9 +124,11 @@ def parse_labels_file(
     file = Path(path).expanduser()
     names = tuple(class_names)
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        text = read_text_utf8(file, "labels file")
     except OSError as exc:
         raise DatasetError(f"cannot read labels file {file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     ids: list[str] = []
     rows: list[np.ndarray] = []
     where_of: dict[str, str] = {}
@@ -306,6 +318,11 @@ class FolderDataset(SegmentationDataset):
                 )
         if subset != "all":
             n = len(ids)
+            if n < 2:
+                raise DatasetError(
+                    f"{self.images_dir} has {n} labelled image(s): a held-out {subset} split needs at "
+                    "least 2 (one for val, the rest for training), or give data.val_labels_file"
+                )
             n_val = min(n - 1, max(1, round(val_fraction * n))) if n >= 2 else 0
             order = np.random.default_rng(split_seed).permutation(n)
             keep = sorted(order[:n_val] if subset == "val" else order[n_val:])

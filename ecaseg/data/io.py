@@ -6,9 +6,15 @@ Images are decoded with OpenCV (``cv2``), masks with Pillow so that the palette 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -24,12 +30,16 @@ __all__ = ["check_mask_values", "read_image", "read_mask", "write_mask"]
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], corrupt: Literal["warn", "error"] = "warn") -> np.ndarray:
     """Read an image file as RGB.
 
     Args:
         path: image file (any format OpenCV decodes: JPEG, PNG, BMP, WebP, TIFF, ...). Grayscale images are
             expanded to three channels and an alpha channel is dropped.
+        corrupt: what to do with a JPEG that libjpeg decodes only with a warning ("Corrupt JPEG data",
+            "Premature end of JPEG file": damaged pixels): ``"warn"`` (a :class:`RuntimeWarning` naming the
+            file, the image is used) or ``"error"`` (:class:`~ecaseg.errors.DatasetError`). libjpeg's own
+            message, which names no file, is not printed.
 
     Returns:
         ``np.ndarray`` ``[H, W, 3]`` uint8, RGB order.
@@ -50,12 +60,56 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         data = np.fromfile(file, dtype=np.uint8)
     except OSError as exc:
         raise DatasetError(f"cannot read image file {file}: {exc.strerror or exc}") from exc
-    image = cv2.imdecode(data, _IMREAD_FLAGS) if data.size else None
+    if data[:3].tobytes() == b"\xff\xd8\xff":  # JPEG: libjpeg reports damaged data on stderr only
+        with _stderr_captured() as captured:
+            image = cv2.imdecode(data, _IMREAD_FLAGS)
+        damage = _libjpeg_messages(captured)
+        if damage and image is not None:
+            message = f"image file {file} is a damaged JPEG (libjpeg: {'; '.join(damage)})"
+            if corrupt == "error":
+                raise DatasetError(message + "; replace or remove it")
+            warnings.warn(message + "; its pixels may be wrong", RuntimeWarning, stacklevel=2)
+    else:
+        image = cv2.imdecode(data, _IMREAD_FLAGS) if data.size else None
     if image is None:
         raise DatasetError(f"cannot decode image file {file} (empty, truncated or not an image)")
     if image.dtype == np.uint16:  # 16-bit PNG/TIFF
         image = (image.astype(np.float32) * (255.0 / 65535.0)).round().astype(np.uint8)
     return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[bytes]]:
+    """Capture what C code writes to file descriptor 2 during the block (libjpeg's warnings)."""
+    out: list[bytes] = []
+    with contextlib.suppress(ValueError, OSError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a daemon): nothing to capture
+        yield out
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read())
+
+
+def _libjpeg_messages(captured: list[bytes]) -> list[str]:
+    """libjpeg's lines of the captured output; other lines (another thread's) go back to stderr."""
+    mine: list[str] = []
+    others: list[str] = []
+    for line in b"".join(captured).decode("utf-8", "replace").splitlines():
+        (mine if "JPEG" in line or "Huffman" in line else others).append(line)
+    if others:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.write("\n".join(others) + "\n")
+    return [line.strip() for line in mine if line.strip()]
 
 
 def check_mask_values(

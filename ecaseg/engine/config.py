@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,10 +21,12 @@ import torch
 import yaml
 
 from ecaseg.errors import ConfigError
+from ecaseg.utils.io import read_text_utf8
 
 __all__ = [
     "ADDED_IN_0_2",
     "LEGACY_KEYS",
+    "RANGES",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -33,10 +36,12 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "available_configs",
+    "available_devices",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_override",
+    "resolve_device",
 ]
 
 
@@ -230,7 +235,6 @@ class EvalConfig:
             torch backend runs in-process.
         batch_size: images of one size per forward (:func:`ecaseg.engine.inference.predict_batched`; 0: 8
             on a GPU, 1 on the CPU); the figures do not depend on it.
-        cam_alpha: background threshold of the CAM figures of validation.
     """
 
     scales: tuple[float, ...] = (1.0, 0.5, 0.75)
@@ -241,7 +245,6 @@ class EvalConfig:
     crf_backend: Literal["torch", "pydensecrf", "auto"] = "auto"
     crf_workers: int = 0
     batch_size: int = 0
-    cam_alpha: float = 0.5
 
 
 @dataclass
@@ -257,98 +260,172 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
-        """Check value ranges that types alone cannot express; returns ``self``."""
-        m = self.method
+        """Check every numeric key against :data:`RANGES` and the rules that tie keys together; returns
+        ``self``. Raises :class:`~ecaseg.errors.ConfigError` naming the key, its value and the valid range."""
+        for key, (low, high, low_open, high_open) in RANGES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            for v in value if isinstance(value, tuple) else (value,):
+                _check_range(key, value, v, low, high, low_open, high_open)
+        m, d, t = self.method, self.data, self.train
         checks: list[tuple[bool, str]] = [
-            (0.0 < m.k <= 1.0, f"method.k must be in (0, 1], got {m.k}"),
-            (-1.0 <= m.gamma < 1.0, f"method.gamma must be in [-1, 1), got {m.gamma}"),
-            (0.0 <= m.momentum < 1.0, f"method.momentum must be in [0, 1), got {m.momentum}"),
-            (0.0 < m.alpha < 1.0, f"method.alpha must be in (0, 1), got {m.alpha}"),
-            (0.0 <= m.band[0] < m.band[1] <= 1.0, f"method.band must satisfy 0 <= low < high <= 1: {m.band}"),
+            (m.band[0] < m.band[1], f"method.band must satisfy low < high, got {list(m.band)}"),
             (len(m.cam_scales) > 0, "method.cam_scales must not be empty"),
-            (m.local_views >= 1, f"method.local_views must be >= 1, got {m.local_views}"),
-            (m.par_downsample >= 1, f"method.par_downsample must be >= 1, got {m.par_downsample}"),
-            (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (len(m.par_dilations) > 0, "method.par_dilations must not be empty (e.g. [1, 2, 4, 8, 12, 24])"),
+            (len(self.eval.scales) > 0, "eval.scales must not be empty (e.g. [1.0, 0.5, 0.75])"),
             (
-                len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
-                f"eval.scales must be a non-empty list of positive factors, got {list(self.eval.scales)}",
+                d.resize_long[0] <= d.resize_long[1],
+                f"data.resize_long must be [low, high] with low <= high, got {list(d.resize_long)}",
             ),
             (
-                self.eval.resize_long >= 0,
-                f"eval.resize_long must be >= 0 (0: native size), got {self.eval.resize_long}",
+                d.scale_range[0] <= d.scale_range[1],
+                f"data.scale_range must be [low, high] with low <= high, got {list(d.scale_range)}",
             ),
-            (self.eval.crf_workers >= 0, f"eval.crf_workers must be >= 0, got {self.eval.crf_workers}"),
-            (self.eval.batch_size >= 0, f"eval.batch_size must be >= 0, got {self.eval.batch_size}"),
-            (self.train.max_iters >= 1, f"train.max_iters must be >= 1, got {self.train.max_iters}"),
+            (d.crop_size % 16 == 0, f"data.crop_size must be a multiple of 16, got {d.crop_size}"),
             (
-                self.data.crop_size % 16 == 0,
-                f"data.crop_size must be a multiple of 16: {self.data.crop_size}",
-            ),
-            (
-                m.local_size % 16 == 0 and m.local_size <= self.data.crop_size,
+                m.local_size % 16 == 0 and m.local_size <= d.crop_size,
                 f"method.local_size must be a multiple of 16 and <= data.crop_size, got {m.local_size}",
             ),
-            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
-        ]
-        o, t, d = self.optim, self.train, self.data
-        at_least = {
-            "data.num_workers": (d.num_workers, 0),
-            "data.val_max_images": (d.val_max_images, 0),
-            "data.synthetic_image_size": (d.synthetic_image_size, 32),
-            "data.synthetic_num_classes": (d.synthetic_num_classes, 1),
-            "data.synthetic_num_train": (d.synthetic_num_train, 1),
-            "data.synthetic_num_val": (d.synthetic_num_val, 1),
-            "data.val_fraction": (d.val_fraction, 0.0),
-            "method.rw_switch_iter": (m.rw_switch_iter, 0),
-            "method.cce_max_patches": (m.cce_max_patches, 2),
-            "method.aff_radius": (m.aff_radius, 1),
-            "method.par_iters": (m.par_iters, 0),
-            "optim.warmup_iters": (o.warmup_iters, 0),
-            "train.cls_warmup_iters": (t.cls_warmup_iters, 0),
-            "train.log_interval": (t.log_interval, 1),
-            "train.val_interval": (t.val_interval, 0),
-            "train.ckpt_interval": (t.ckpt_interval, 0),
-            "train.num_vis_images": (t.num_vis_images, 0),
-        }
-        checks += [
-            (value >= low, f"{key} must be >= {low}, got {value}") for key, (value, low) in at_least.items()
-        ]
-        non_negative = {
-            "method.lambda_seg": m.lambda_seg,
-            "method.lambda_cce": m.lambda_cce,
-            "method.lambda_aff": m.lambda_aff,
-            "method.par_w1": m.par_w1,
-            "method.par_w2": m.par_w2,
-            "optim.weight_decay": o.weight_decay,
-            "optim.warmup_ratio": o.warmup_ratio,
-            "optim.power": o.power,
-            "optim.head_lr_mult": o.head_lr_mult,
-            "optim.backbone_norm_lr_mult": o.backbone_norm_lr_mult,
-        }
-        checks += [
-            (math.isfinite(value) and value >= 0, f"{key} must be a finite number >= 0, got {value}")
-            for key, value in non_negative.items()
-        ]
-        checks += [
-            (math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}"),
             (
-                all(s > 0 for s in m.cam_scales),
-                f"method.cam_scales must be positive, got {list(m.cam_scales)}",
-            ),
-            (m.par_w1 > 0, f"method.par_w1 must be > 0, got {m.par_w1}"),
-            (
-                0.0 <= d.synthetic_context_prob <= 1.0 and 0.0 <= d.synthetic_spurious_context_prob <= 1.0,
-                "data.synthetic_*_prob must be probabilities in [0, 1]",
+                d.crop_size * min(m.cam_scales, default=1.0) >= 16,
+                f"method.cam_scales {list(m.cam_scales)} shrink the data.crop_size={d.crop_size} crops below "
+                "16 pixels (one cell of the feature map); use scales >= "
+                f"{16 / max(d.crop_size, 1):.3g}",
             ),
             (
                 t.device == "auto" or _valid_device(t.device),
-                f"train.device {t.device!r} is not a torch device",
+                f"train.device {t.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)",
             ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _check_range(
+    key: str, value: Any, v: float, low: float, high: float, low_open: bool, high_open: bool
+) -> None:
+    if math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high):
+        return
+    if high == math.inf:
+        rule = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, tuple):
+        raise ConfigError(f"{key} must hold finite values {rule}, got {list(value)}")
+    number = "a finite number " if isinstance(value, float) and high == math.inf else ""
+    raise ConfigError(f"{key} must be {number}{rule}, got {value}")
+
+
+_INF = math.inf
+
+#: The valid range of every numeric config key (of each item of a list key): ``key -> (low, high,
+#: low_open, high_open)``. One table, checked by :meth:`Config.validate` whenever a config is loaded or
+#: restored; a test checks that every int and float key of the dataclasses is listed.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "data.val_fraction": (0.0, 1.0, False, True),
+    "data.crop_size": (16, _INF, False, False),
+    "data.resize_long": (16, _INF, False, False),
+    "data.scale_range": (0.0, 16.0, True, False),
+    "data.num_workers": (0, _INF, False, False),
+    "data.val_max_images": (0, _INF, False, False),
+    "data.synthetic_seed": (0, _INF, False, False),
+    "data.synthetic_image_size": (32, _INF, False, False),
+    "data.synthetic_num_classes": (1, _INF, False, False),
+    "data.synthetic_num_train": (1, _INF, False, False),
+    "data.synthetic_num_val": (1, _INF, False, False),
+    "data.synthetic_context_prob": (0.0, 1.0, False, False),
+    "data.synthetic_spurious_context_prob": (0.0, 1.0, False, False),
+    "model.decoder_dim": (1, _INF, False, False),
+    "model.strides": (1, _INF, False, False),
+    "model.attn_blocks": (1, _INF, False, False),
+    "method.k": (0.0, 1.0, True, False),
+    "method.gamma": (-1.0, 1.0, False, True),
+    "method.momentum": (0.0, 1.0, False, True),
+    "method.alpha": (0.0, 1.0, True, True),
+    "method.band": (0.0, 1.0, False, False),
+    "method.cam_scales": (0.0, 4.0, True, False),
+    "method.rw_switch_iter": (0, _INF, False, False),
+    "method.lambda_seg": (0.0, _INF, False, True),
+    "method.lambda_cce": (0.0, _INF, False, True),
+    "method.lambda_aff": (0.0, _INF, False, True),
+    "method.local_views": (1, _INF, False, False),
+    "method.local_size": (16, _INF, False, False),
+    "method.cce_max_patches": (2, _INF, False, False),
+    "method.aff_radius": (1, _INF, False, False),
+    "method.par_dilations": (1, _INF, False, False),
+    "method.par_iters": (0, _INF, False, False),
+    "method.par_w1": (0.0, _INF, True, True),
+    "method.par_w2": (0.0, _INF, False, True),
+    "method.par_downsample": (1, _INF, False, False),
+    "optim.lr": (0.0, _INF, True, True),
+    "optim.betas": (0.0, 1.0, False, True),
+    "optim.weight_decay": (0.0, _INF, False, True),
+    "optim.warmup_iters": (0, _INF, False, False),
+    "optim.warmup_ratio": (0.0, 1.0, False, False),
+    "optim.power": (0.0, _INF, False, True),
+    "optim.head_lr_mult": (0.0, _INF, False, True),
+    "optim.backbone_norm_lr_mult": (0.0, _INF, False, True),
+    "train.max_iters": (1, _INF, False, False),
+    "train.batch_size": (1, _INF, False, False),
+    "train.cls_warmup_iters": (0, _INF, False, False),
+    "train.seed": (0, _INF, False, False),
+    "train.log_interval": (1, _INF, False, False),
+    "train.val_interval": (0, _INF, False, False),
+    "train.ckpt_interval": (0, _INF, False, False),
+    "train.num_vis_images": (0, _INF, False, False),
+    "eval.scales": (0.0, 4.0, True, False),
+    "eval.resize_long": (0, _INF, False, False),
+    "eval.crf_workers": (0, _INF, False, False),
+    "eval.batch_size": (0, _INF, False, False),
+}
+
+
+def available_devices() -> list[str]:
+    """The device types torch reports usable here: ``cpu``, then ``cuda`` / ``mps`` / ``xpu`` if available."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found.append("xpu")
+    return found
+
+
+def resolve_device(name: str, what: str) -> torch.device:
+    """The torch device of ``name`` (``"auto"``: CUDA if available, else the CPU), refused with a
+    :class:`~ecaseg.errors.ConfigError` naming ``what`` unless torch reports it as available here.
+
+    Example:
+        >>> resolve_device("cpu", "--device")
+        device(type='cpu')
+        >>> resolve_device("meta", "--device")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ecaseg.errors.ConfigError: --device meta is not available here (available: cpu...
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what} {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    usable = available_devices()
+    if device.type == "cuda" and "cuda" not in usable:
+        raise ConfigError(f"{what} {name} but no CUDA device is visible; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{what} {name} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 ...)"
+        )
+    if device.type not in usable:
+        raise ConfigError(
+            f"{what} {name} is not available here (available: {', '.join(usable)}; auto picks cuda, else cpu)"
+        )
+    return device
 
 
 def _valid_device(name: str) -> bool:
@@ -433,6 +510,10 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     valid = [f.name for f in fields(section)]
     for key, value in values.items():
+        legacy = LEGACY_KEYS.get(prefix.rstrip("."), {})
+        if key in legacy:
+            warnings.warn(f"config key {prefix}{key} is ignored: {legacy[key]}", UserWarning, stacklevel=2)
+            continue
         if key not in valid:
             raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {', '.join(valid)}")
         current = getattr(section, key)
@@ -444,11 +525,19 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here) :], here))
+        raise ConfigError(
+            f"config file {path}: its _base_ chain loops back to it ({cycle}); remove one _base_"
+        )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_utf8(path, "config file")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -457,7 +546,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     base = data.pop("_base_", None)
     if base is not None:
-        merged = _read_yaml(_locate(str(base), relative_to=path.parent))
+        merged = _read_yaml(_locate(str(base), relative_to=path.parent), (*chain, here))
         _deep_update(merged, data)
         return merged
     return data
@@ -562,7 +651,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 #: Keys of older configs that a checkpoint may still hold (``section -> {key -> reason}``), dropped on load.
 LEGACY_KEYS: dict[str, dict[str, str]] = {
-    "eval": {"msc_scales": "0.1: multi-scale scales; 0.2 runs eval.scales with eval.merge"},
+    "eval": {
+        "msc_scales": "0.1: multi-scale scales; 0.2 runs eval.scales with eval.merge",
+        "cam_alpha": "read by nothing (the CAM figures of validation use method.alpha)",
+    },
 }
 
 

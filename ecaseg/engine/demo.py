@@ -12,7 +12,6 @@ CRF gives the ``*_plain`` figures.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from ecaseg.engine.trainer import ECATrainer
 from ecaseg.engine.visualize import bar_chart, training_panels
 from ecaseg.errors import ConfigError
 from ecaseg.metrics import format_iou_table
-from ecaseg.utils.io import atomic_write_text
+from ecaseg.utils.io import atomic_write_text, json_dumps_finite
 
 __all__ = ["demo_configs", "run_demo", "seed_overrides"]
 
@@ -167,7 +166,7 @@ def run_demo(
     metrics["ratio"] = metrics["seg_miou"] / max(metrics["supervised_seg_miou"], 1e-9)
     metrics["ratio_plain"] = metrics["seg_miou_plain"] / max(metrics["supervised_seg_miou_plain"], 1e-9)
     metrics["seconds"] = time.perf_counter() - start
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json_dumps_finite(metrics, str(out_dir / "metrics.json")))
     atomic_write_text(out_dir / "report.md", _report(metrics, results, class_names))
     return metrics
 
@@ -210,15 +209,20 @@ def _figures(trainer: ECATrainer, out_dir: Path) -> None:
     write_png(out_dir / "panels.png", np.ascontiguousarray(panels))
 
 
-#: What each figure of ``metrics.json`` measures, in the paper's terms.
+#: What each figure of ``metrics.json`` measures: in plain terms first (see the glossary of the report),
+#: then where the paper reports it.
 METRIC_NAMES: dict[str, str] = {
-    "cam_miou": "CAM: the multi-scale CAM thresholded at alpha (Table 4's CAM column)",
-    "cam_pseudo_miou": "CAM pseudo-label: the CAM refined by PAR (the L_seg target of Eq. (12))",
-    "carm_miou": "CARM: the calibrated class-aware affinity region map thresholded at alpha (Eq. (7)-(10))",
-    "carm_pseudo_miou": "CARM pseudo-label: the CARM refined by PAR (the CARM L_seg target of Eq. (12))",
-    "seg_miou": "ECA segmentation: the decoder's prediction (Table 2/3's figure)",
-    "baseline_seg_miou": "AFA baseline segmentation (Table 4, first row)",
-    "supervised_seg_miou": "fully supervised bound: the same network trained on the masks",
+    "cam_miou": "CAM label: each pixel to its most active labelled class, background below alpha "
+    "(paper: Table 4, CAM column)",
+    "cam_pseudo_miou": "CAM pseudo-label: the CAM label after PAR, a training target of the decoder "
+    "(paper: L_seg of Eq. (12))",
+    "carm_miou": "CARM label: the CARM thresholded at alpha like the CAM (paper: Eq. (7)-(10))",
+    "carm_pseudo_miou": "CARM pseudo-label: the CARM label after PAR, ECA's second training target of the "
+    "decoder (paper: Eq. (12))",
+    "seg_miou": "ECA segmentation: the decoder's prediction, the headline figure (paper: Tables 2 and 3)",
+    "baseline_seg_miou": "AFA baseline segmentation: the same training without CARM and cross-view loss "
+    "(paper: Table 4, first row)",
+    "supervised_seg_miou": "supervised reference: the same network trained on the ground-truth masks",
     "seg_miou_plain": "ECA segmentation, single scale, no flip, no CRF",
     "baseline_seg_miou_plain": "AFA baseline segmentation, single scale, no flip, no CRF",
     "supervised_seg_miou_plain": "supervised bound, single scale, no flip, no CRF",
@@ -260,6 +264,26 @@ def _report(metrics: dict[str, Any], results: dict[str, dict[str, Any]], class_n
         f"Segmentation is evaluated on the val split with one protocol for all three models: {final} "
         "(the paper's inference protocol), and single-scale without flip and CRF (plain).",
         "",
+        "## Terms",
+        "",
+        "- **mIoU**: intersection over union of predicted and true pixels, per class, averaged over the "
+        "classes (background included).",
+        "- **CAM** (class activation map): where the image classifier finds evidence of a labelled class. "
+        "Thresholded into a label map, each pixel goes to its most active class, or to the background "
+        "where no class map reaches **alpha** (`method.alpha`, in (0, 1); maps are normalised to [0, 1]).",
+        "- **CARM** (class-aware affinity region map, ECA's contribution): the CAM's most confident pixels "
+        "(seeds) spread to the pixels that a frozen self-supervised vision transformer finds similar, then "
+        "corrected with one mean feature (prototype) per class; thresholded like the CAM.",
+        "- **PAR** (pixel-adaptive refinement): smooths a map along the image's colours and positions, so "
+        "that labels follow the objects' edges.",
+        "- **pseudo-label**: a label map computed from the image-level labels alone (no masks), on which the "
+        "segmentation decoder is trained: ECA uses both the CAM and the CARM pseudo-labels, the AFA baseline "
+        "(the method ECA builds on) the CAM one only.",
+        "- **supervised reference** (`supervised_seg_miou`, the paper's 'fully supervised' upper bound): the "
+        "same network trained on the ground-truth masks with the same short budget. It is a reference, not "
+        "a ceiling: it is trained no longer than the others, so a weakly supervised model can score above "
+        "it, and `ratio` can exceed 100 %.",
+        "",
         "## Targets",
         "",
     ]
@@ -286,6 +310,13 @@ def _report(metrics: dict[str, Any], results: dict[str, dict[str, Any]], class_n
         lines.append("")
     lines.append(
         "![image, CAM, CARM, CAM and CARM pseudo-labels, prediction, ground truth, class colours](panels.png)"
+    )
+    lines.append("")
+    lines.append(
+        "`panels.png`, one row per val image, left to right: the image; the CAM and the CARM (largest "
+        "class value per pixel, as a heat map); the CAM and CARM pseudo-labels (after PAR); the ECA "
+        "decoder's prediction with single-scale inference, no flip and no CRF (the `seg_miou_plain` "
+        "protocol, not the headline's); the ground truth; the class colours below."
     )
     lines.append("")
     lines.append("![per-class IoU (%)](per_class_iou.png)")

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 
 from ecaseg.engine.builders import build_dataset, build_dino, build_model, needs_dino
-from ecaseg.engine.config import Config, load_config
-from ecaseg.errors import EcasegError
+from ecaseg.engine.config import Config, load_config, resolve_device
+from ecaseg.errors import ConfigError, EcasegError
 
 __all__ = ["OFFICIAL_SPLIT_SIZES", "Check", "run_doctor"]
 
@@ -150,21 +150,18 @@ def _check_weights(cfg: Config, num_classes: int, report: list[Check]) -> None:
 def _check_device(cfg: Config, report: list[Check]) -> torch.device | None:
     name = cfg.train.device
     try:
-        device = torch.device(
-            "cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu")
-        )
-    except RuntimeError as err:
+        device = resolve_device(name, "train.device")
+    except ConfigError as err:
         report.append(Check("fail", "train.device", _short(err)))
         return None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            report.append(Check("fail", "train.device", f"{name} asked for, but no CUDA device is visible"))
-            return None
         free, total = torch.cuda.mem_get_info(device)
         gpu = torch.cuda.get_device_name(device)
         report.append(
             Check("ok", "train.device", f"{gpu}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
         )
+    elif device.type != "cpu":
+        report.append(Check("ok", "train.device", f"{device} (torch reports it available)"))
     else:
         if cfg.data.dataset in ("voc", "coco"):
             report.append(Check("warn", "train.device", "CPU (no GPU): a paper-scale run would take days"))

@@ -27,6 +27,7 @@ from ecaseg.crf import (
 from ecaseg.data import IMAGENET_MEAN, IMAGENET_STD, colorize_mask, denormalize, voc_palette, write_mask
 from ecaseg.models import ECANet
 from ecaseg.utils.io import atomic_write_bytes
+from ecaseg.utils.workers import ignore_sigint
 
 __all__ = [
     "Key",
@@ -328,7 +329,11 @@ def predict_batched(
         raise ValueError(f"crf_workers must be >= 0 (0: the cores available), got {crf_workers}")
     backend = resolve_crf_backend(crf_backend, device) if crf is not None else "torch"
     workers = (crf_workers or available_cores()) if backend == "pydensecrf" else 1
-    pool = ProcessPoolExecutor(max_workers=workers) if crf is not None and workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint)
+        if crf is not None and workers > 1
+        else None
+    )
     pending: deque[tuple[Key, Future[np.ndarray]]] = deque()
 
     def run(group: list[tuple[Key, Tensor]]) -> Iterator[tuple[Key, Tensor]]:

@@ -13,7 +13,7 @@ One step, after the classifier-only warm-up:
 
 Switches in ``cfg.method`` reproduce every row of Table 4 and the fully supervised upper bound (Table 2).
 Multi-GPU through ``torchrun`` (DDP, NCCL on GPU, gloo on CPU); bf16 autocast on GPU; atomic checkpoints
-every ``train.ckpt_interval`` iterations and on SIGINT/SIGTERM; ``resume`` continues exactly.
+every ``train.ckpt_interval`` iterations and on SIGINT/SIGTERM/SIGHUP; ``resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ecaseg._checks import class_names_mismatch
 from ecaseg.affinity import affinity_labels, affinity_loss, downsample_label
 from ecaseg.carm import CARMGenerator
 from ecaseg.cce_loss import cce_loss
@@ -52,7 +53,7 @@ from ecaseg.engine.builders import (
     build_pseudo_labeler,
     needs_dino,
 )
-from ecaseg.engine.config import Config, config_from_dict, config_to_dict
+from ecaseg.engine.config import Config, config_from_dict, config_to_dict, resolve_device
 from ecaseg.engine.evaluation import evaluate_wsss
 from ecaseg.engine.inference import autocast_context
 from ecaseg.engine.pseudo import PseudoLabels, par_slots
@@ -69,7 +70,7 @@ from ecaseg.utils.dist import (
     is_distributed,
     is_main_process,
 )
-from ecaseg.utils.io import atomic_save_torch, atomic_write_text
+from ecaseg.utils.io import atomic_save_torch, atomic_write_text, json_dumps_finite, weights_file_problem
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -165,12 +166,20 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read an ecaseg checkpoint, with a clear error if it is missing or of another kind."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in sorted(path.glob("*.pth"))]
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give the checkpoint file"
+            + (f", e.g. {path / inside[0]}" if inside else " (ecaseg train writes WORK_DIR/last.pth)")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+        raise CheckpointError(
+            weights_file_problem(path, err, "give a checkpoint that ecaseg train wrote")
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an ecaseg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt
@@ -330,10 +339,8 @@ class ECATrainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _select_device(self, name: str) -> torch.device:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu"
-            )
+        if name != "auto":
+            return resolve_device(name, "train.device")
         if name == "auto":
             if torch.cuda.is_available():
                 local = int(os.environ.get("LOCAL_RANK", 0))
@@ -446,6 +453,12 @@ class ECATrainer:
         """Restore :meth:`state_dict` output (checks that the checkpoint's model matches this config)."""
         saved = config_from_dict(ckpt["config"])
         check_compatible(saved, self.cfg)
+        missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks the training state ({', '.join(missing)}): it holds a model only, so "
+                "it cannot be resumed; start a new run (or evaluate it with ecaseg evaluate)"
+            )
         try:
             self.net.load_state_dict(ckpt["model"])
         except RuntimeError as err:
@@ -455,6 +468,7 @@ class ECATrainer:
                 f"the checkpoint's network ({got}) does not match this run's ({self.net.num_classes} "
                 f"classes, {self.cfg.model.backbone}): {' '.join(str(err).split())[:300]}"
             ) from None
+        check_class_names(ckpt, self.class_names, "this run's dataset")  # same count, other names/order
         if self.carm_generator is not None and ckpt.get("carm") is not None:
             self.carm_generator.load_state_dict(ckpt["carm"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -683,7 +697,13 @@ class ECATrainer:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._stop_signal = signum
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: a closed terminal or ssh session stops the run like SIGTERM (checkpoint, then exit), unless
+        # it is ignored (nohup): then the run goes on, as its user asked
+        hup = getattr(signal, "SIGHUP", None)
+        watched = [signal.SIGINT, signal.SIGTERM]
+        if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+            watched.append(hup)
+        for sig in watched:
             with contextlib.suppress(ValueError):  # not in the main thread
                 previous[sig] = signal.signal(sig, handler)
         return previous
@@ -742,7 +762,12 @@ class ECATrainer:
             disable=not (self.progress and main),
             dynamic_ncols=True,
         )
-        last_metrics: dict[str, float] = {}
+        # a resumed run keeps the validation of its last iteration (a finished run resumed runs no step)
+        last_metrics: dict[str, float] = (
+            {k: v for k, v in self.history[-1].items() if k != "iteration"}
+            if self.history and self.history[-1].get("iteration") == float(self.iteration)
+            else {}
+        )
         start = time.perf_counter()
         self.net.train()
         try:
@@ -804,7 +829,7 @@ class ECATrainer:
             logger.info("reached iteration %d in %.1f s", self.iteration, seconds)
             atomic_write_text(
                 self.work_dir / "metrics.json",
-                json.dumps({"final": last_metrics, "history": self.history}, indent=2),
+                json_dumps_finite({"final": last_metrics, "history": self.history}, "metrics.json"),
             )
         return last_metrics
 
@@ -869,6 +894,22 @@ class ECATrainer:
             self.net.train(was_training)
         grid = training_panels(images, step.pseudo, pred, n, class_names=self.class_names or None)
         writer.add_image("train/panels", grid, it, dataformats="HWC")
+
+
+def check_class_names(ckpt: dict[str, Any], current: list[str] | tuple[str, ...], where: str) -> None:
+    """Raise :class:`~ecaseg.errors.CheckpointError` if the checkpoint's class names differ from ``current``
+    (order included: a reordered ``classes.txt`` would swap the labels); a side without names is not
+    compared."""
+    saved = list(ckpt.get("class_names") or [])
+    if not saved or not current:
+        return
+    diff = class_names_mismatch(saved, list(current))
+    if diff is not None:
+        raise CheckpointError(
+            f"the checkpoint was trained with other classes than {where}: {diff}; class indices would "
+            "silently change meaning, so give the classes in the checkpoint's order "
+            f"({', '.join(saved[1:])}) or train a new model"
+        )
 
 
 def check_compatible(saved: Config, current: Config) -> None:

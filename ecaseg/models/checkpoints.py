@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ecaseg.errors import CheckpointError
+from ecaseg.utils.io import weights_file_problem
 
 __all__ = [
     "IGNORED_PREFIXES",
@@ -208,7 +209,9 @@ def _load_file(path: Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure becomes a user-facing error naming the file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(
+            weights_file_problem(path, exc, "backbone weights are MiT ImageNet weights (a state dict file)")
+        ) from exc
     return _unwrap(obj, path)
 
 

@@ -9,6 +9,8 @@ Layout: engine layer; imports ``ecaseg.dino_affinity`` (the variants) and ``ecas
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from ecaseg.dino_affinity import DINO_VARIANTS
@@ -129,6 +131,11 @@ class DINOPretrainConfig:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"DINOPretrainConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
+        for f in dataclasses.fields(self):  # NaN passes every "<" and ">" test below: refuse it first
+            value = getattr(self, f.name)
+            items = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise bad(f.name, "must be finite (not NaN or inf)")
         if self.variant not in DINO_VARIANTS:
             raise ConfigError(
                 f"DINOPretrainConfig.variant={self.variant!r} is not a DINO variant; valid names: "

@@ -33,10 +33,17 @@ class ImageFolder(Dataset):
 
     Args:
         root: Folder to search; files with the extensions of :data:`ecaseg.data.IMAGE_EXTENSIONS` (any case).
+        check: Decode every image once here, so that a bad file stops the run before its first iteration
+            (not in the middle of it, without a checkpoint).
+        skip_bad: With ``check``, leave out the files that cannot be decoded (or decode only with libjpeg
+            warnings) instead of raising; they are listed in :attr:`skipped`.
+
+    Attributes:
+        skipped: One message per file left out (naming it).
 
     Raises:
-        DatasetError: If ``root`` is not a folder or holds no image file. An unreadable file raises
-            ``DatasetError`` naming it when its item is read.
+        DatasetError: If ``root`` is not a folder or holds no (decodable) image file, or, with ``check`` and
+            without ``skip_bad``, a file cannot be decoded (named).
 
     Example:
         >>> import tempfile
@@ -46,7 +53,7 @@ class ImageFolder(Dataset):
         ecaseg.errors.DatasetError: no image files (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff) under ...
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, check: bool = False, skip_bad: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"image folder not found: {self.root}")
@@ -55,6 +62,23 @@ class ImageFolder(Dataset):
         )
         if not self.paths:
             raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        self.skipped: list[str] = []
+        if check:
+            good = []
+            for path in self.paths:
+                try:
+                    read_image(path, corrupt="error")
+                except DatasetError as err:
+                    if not skip_bad:
+                        raise DatasetError(
+                            f"{err}; no training was started (pass --skip-bad to train on the other images)"
+                        ) from None
+                    self.skipped.append(str(err))
+                    continue
+                good.append(path)
+            self.paths = good
+            if not self.paths:
+                raise DatasetError(f"none of the images under {self.root} can be decoded: {self.skipped[0]}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,9 +150,9 @@ class _SquareImages(Dataset):
         return x.clamp(0.0, 1.0)
 
 
-def _as_dataset(images: str | Path | Dataset | Sequence[dict[str, Any]]) -> Any:
+def _as_dataset(images: str | Path | Dataset | Sequence[dict[str, Any]], skip_bad: bool = False) -> Any:
     if isinstance(images, (str, Path)):
-        return ImageFolder(images)
+        return ImageFolder(images, check=True, skip_bad=skip_bad)
     if not hasattr(images, "__getitem__") or not hasattr(images, "__len__"):
         raise DatasetError(f"images must be a folder or a map-style dataset, got {type(images).__name__}")
     if len(images) == 0:  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ecaseg.dino_affinity import DINO_VARIANTS, build_vit
+from ecaseg.engine.config import resolve_device
 from ecaseg.engine.dino_pretrain.augment import multi_crop
 from ecaseg.engine.dino_pretrain.config import DINOPretrainConfig
 from ecaseg.engine.dino_pretrain.data import _as_dataset, _SquareImages
 from ecaseg.engine.dino_pretrain.head import DINOHead, _MultiCropNet
 from ecaseg.engine.dino_pretrain.loss import dino_loss, ema_update, teacher_entropies, update_center
 from ecaseg.engine.dino_pretrain.schedule import cosine_schedule
-from ecaseg.errors import CheckpointError, ConfigError, EcasegError
-from ecaseg.utils.io import atomic_save_torch
+from ecaseg.errors import CheckpointError, EcasegError
+from ecaseg.utils.io import atomic_save_torch, check_writable
 
 _LOG = logging.getLogger("ecaseg.engine.dino_pretrain")  # the package's logger (its name before the split)
 
@@ -39,12 +41,7 @@ __all__ = ["pretrain_dino", "resume_path"]
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"DINOPretrainConfig.device={name!r} is not a device: {err}") from None
+    return resolve_device(name, "DINOPretrainConfig.device")
 
 
 def _build_nets(cfg: DINOPretrainConfig, device: torch.device) -> tuple[_MultiCropNet, _MultiCropNet]:
@@ -99,6 +96,7 @@ def pretrain_dino(
     out: str | Path,
     config: DINOPretrainConfig,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Path:
     """Train a ViT with DINO self-distillation on unlabelled images; write the teacher backbone to ``out``.
 
@@ -119,6 +117,8 @@ def pretrain_dino(
             (float32, CPU), written atomically; ``DINOAffinity(config.variant, weights=out)`` loads it.
         config: The recipe.
         progress: Show a progress bar with the loss.
+        skip_bad: For a folder: leave out the images that cannot be decoded (a warning lists them) instead
+            of stopping. Either way every image is decoded once before the first iteration.
 
     Returns:
         ``out`` as a ``Path``.
@@ -140,7 +140,17 @@ def pretrain_dino(
     cfg = config
     device = _resolve_device(cfg.device)
     out = Path(out)
-    source = _as_dataset(images)
+    check_writable(out, "out")  # before the work, not after it
+    check_writable(resume_path(out), "out")
+    source = _as_dataset(images, skip_bad=skip_bad)
+    skipped = list(getattr(source, "skipped", []))
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} undecodable image(s) of {len(skipped) + len(source)}: "
+            + "; ".join(skipped),
+            RuntimeWarning,
+            stacklevel=2,
+        )
     dataset = _SquareImages(source, cfg.image_size, cfg.cache_images)
     torch.manual_seed(cfg.seed)
     student, teacher = _build_nets(cfg, device)
