@@ -434,8 +434,8 @@ def cam_probabilities(cams: Tensor, labels: Tensor, bg_score: float = 0.5, eps: 
 
     Example:
         >>> p = cam_probabilities(torch.tensor([[[[1.0, 0.0]], [[0.5, 0.5]]]]), torch.tensor([[1.0, 0.0]]))
-        >>> p[0, :, 0].tolist()
-        [[0.3333333432674103, 1.0], [0.6666666865348694, 0.0], [0.0, 0.0]]
+        >>> p[0, :, 0].mul(1000).round().tolist()  # background, class 1, class 2 (absent) at two pixels
+        [[333.0, 1000.0], [667.0, 0.0], [0.0, 0.0]]
     """
     if cams.dim() != 4:
         raise ValueError(f"cams must be [B, C, H, W], got {tuple(cams.shape)}")
