@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools warns about every editable install (a folder named like the package in the working directory);
+# here that folder is the package itself, so the warning says nothing: silence it
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev]"
 echo "== ruff"
 .venv/bin/ruff check ecaseg tests examples benchmarks
 .venv/bin/ruff format --check ecaseg tests examples benchmarks
