@@ -54,7 +54,7 @@ from ecaseg.cam import multiscale_cam
 from ecaseg.carm import CARMGenerator
 from ecaseg.crf import CRFParams
 from ecaseg.data.synthetic import SyntheticWSSSDataset
-from ecaseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ecaseg.data.transforms import normalize
 from ecaseg.dino_affinity import DINOAffinity
 from ecaseg.engine.builders import build_dataset, build_model
 from ecaseg.engine.config import load_config
@@ -66,12 +66,6 @@ from ecaseg.refine import REFINE_METHODS, CAMRefiner
 from ecaseg.utils.assets import packaged_asset
 
 SOURCES = ("cam", "gradcam", "afa")
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def load_split(seed: int, split: str) -> dict[str, Any]:
@@ -116,7 +110,7 @@ def train_classifier(train: dict[str, Any], iters: int, seed: int, path: Path) -
         x = train["images"][idx]
         flip = torch.rand(8, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = F.multilabel_soft_margin_loss(net(_norm(x)), train["labels"][idx])
+        loss = F.multilabel_soft_margin_loss(net(normalize(x)), train["labels"][idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,7 +125,7 @@ def classifier_cams(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     size = images.shape[-2:]
     out = []
     for chunk in images.split(16):
-        x = _norm(torch.cat([chunk, chunk.flip(-1)]))
+        x = normalize(torch.cat([chunk, chunk.flip(-1)]))
         feats = net.forward_features(x)
         cam = F.relu(torch.einsum("kc,bchw->bkhw", net.fc.weight, feats))
         cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
@@ -149,7 +143,7 @@ def gradcam_cams(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     with GradCAM(model=net, target_layers=[net.layer4]) as grad_cam:
         for i in range(images.shape[0]):  # one target per labelled class: Grad-CAM's own API
             for c in labels[i].nonzero().flatten().tolist():
-                m = grad_cam(input_tensor=_norm(images[i : i + 1]), targets=[ClassifierOutputTarget(c)])
+                m = grad_cam(input_tensor=normalize(images[i : i + 1]), targets=[ClassifierOutputTarget(c)])
                 cams[i, c] = torch.from_numpy(m[0])
     return cams
 
@@ -168,7 +162,7 @@ def afa_cams(seed: int, iters: int, work: Path, images: torch.Tensor, labels: to
         for x, y in zip(images.split(16), labels.split(16)):
             out.append(
                 multiscale_cam(
-                    net, _norm(x), y, scales=cfg.method.cam_scales, flip=True, rule=cfg.method.cam_rule
+                    net, normalize(x), y, scales=cfg.method.cam_scales, flip=True, rule=cfg.method.cam_rule
                 )
             )
     return torch.cat(out)

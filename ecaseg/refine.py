@@ -19,9 +19,9 @@ applied to such CAMs behind one call, so they can be compared on the same CAMs a
 ViT of your own on a few labelled images.
 
 Conventions: ``images`` are RGB in ``[0, 1]`` ``[B, 3, H, W]`` (ImageNet normalisation for the ViT is done
-here); ``cams`` are normalised foreground CAMs ``[B, C, h, w]`` in ``[0, 1]`` at any grid (each labelled
-class's map peaks at 1, e.g. :func:`ecaseg.cam.minmax_normalize` of ReLU'd CAMs); ``labels`` are 0/1
-``[B, C]``; ``num_classes = C + 1`` counts the background.
+here, with :func:`ecaseg.data.normalize`); ``cams`` are normalised foreground CAMs ``[B, C, h, w]`` in
+``[0, 1]`` at any grid (each labelled class's map peaks at 1, e.g. :func:`ecaseg.cam.minmax_normalize` of
+ReLU'd CAMs); ``labels`` are 0/1 ``[B, C]``; ``num_classes = C + 1`` counts the background.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ecaseg.affinity import cosine_affinity, random_walk
 from ecaseg.cam import cam_probabilities
 from ecaseg.carm import CARMGenerator
 from ecaseg.crf import CRFParams, crf_batch
+from ecaseg.data.transforms import normalize
 from ecaseg.dino_features import FG_CUES, CARMSettings, DINOFeatures, FgCue
 from ecaseg.metrics import SegmentationMetric
 from ecaseg.par import PAR
@@ -51,7 +52,6 @@ __all__ = [
     "RefineMethod",
     "RefineOutput",
     "crf_params_for_size",
-    "imagenet_normalize",
     "refine_cams",
     "search_carm_settings",
 ]
@@ -67,20 +67,6 @@ DEFAULT_METHOD: RefineMethod = "carm_par"
 benchmark (``benchmarks/refine.py``; docs, "Bring your own CAMs")."""
 
 _NEEDS_DINO = frozenset({"random_walk", "carm", "carm_par", "carm_crf"})
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def imagenet_normalize(images: Tensor) -> Tensor:
-    """``[B, 3, H, W]`` RGB in ``[0, 1]`` -> ImageNet-normalised (what the affinity ViTs expect).
-
-    Example:
-        >>> imagenet_normalize(torch.full((1, 3, 1, 1), 0.485))[0, 0].item()
-        0.0
-    """
-    mean = torch.tensor(_IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
 
 
 def crf_params_for_size(
@@ -255,7 +241,7 @@ class CAMRefiner(nn.Module):
         carm_out: Tensor | None = None
         if method.startswith("carm"):
             assert self.carm is not None and self.dino is not None
-            feats = self.dino(imagenet_normalize(images))
+            feats = self.dino(normalize(images))
             carm_out = self.carm(cams.float(), labels.float(), feats).carm
             fg = carm_out[:, 1:]
         else:
@@ -273,7 +259,7 @@ class CAMRefiner(nn.Module):
         # random walk of the foreground scores on the ViT's clamped key cosines, on its patch grid; each
         # walked map is divided by its maximum (IRN), then thresholded like the CAM
         assert self.dino is not None
-        feats = self.dino(imagenet_normalize(images))
+        feats = self.dino(normalize(images))
         fg = _to_size(fg, feats.grid) * (labels > 0).float()[:, :, None, None]
         walked = random_walk(
             fg, cosine_affinity(feats.keys), self.rw_power, self.rw_iterations, validate=False
@@ -358,7 +344,7 @@ def search_carm_settings(
         raise ValueError("images, cams, labels and masks must be the same number of (non-empty) batches")
     base = base or CARMSettings()
     num_classes = cam_b[0].shape[1] + 1
-    feats = [dino(imagenet_normalize(img)) for img in batches]
+    feats = [dino(normalize(img)) for img in batches]
     rows: list[dict[str, Any]] = []
     for gamma, cue, k in itertools.product(gammas, fg_cues, ks):
         settings = base.replace(gamma=float(gamma), fg_cue=cue, k=float(k), calibrate=False)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.resnet import ResNet
 
+from ecaseg.data import normalize
 from ecaseg.data.io import read_image
 from ecaseg.data.synthetic import write_synthetic_dataset
 from ecaseg.engine.builders import build_dataset
@@ -36,7 +37,7 @@ from ecaseg.engine.demo import seed_overrides
 from ecaseg.engine.evaluation import evaluate_segmentation
 from ecaseg.engine.refine import RefineJob, refine_folder, write_cam_file
 from ecaseg.engine.trainer import ECATrainer
-from ecaseg.refine import DEFAULT_METHOD, imagenet_normalize
+from ecaseg.refine import DEFAULT_METHOD
 from ecaseg.utils.assets import packaged_asset
 
 
@@ -72,7 +73,7 @@ def train_classifier(root: Path, ids: list[str], num_fg: int, iters: int, seed: 
         idx = torch.randint(0, len(ids), (8,), generator=gen)
         x = images[idx]
         x = torch.where((torch.rand(8, generator=gen) < 0.5)[:, None, None, None], x.flip(-1), x)
-        loss = F.multilabel_soft_margin_loss(net(imagenet_normalize(x)), labels[idx])
+        loss = F.multilabel_soft_margin_loss(net(normalize(x)), labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -87,7 +88,7 @@ def save_cams(net: ResNet, root: Path, ids: list[str], cams_dir: Path) -> None:
     fc_weight = net.get_parameter("fc.weight")
     for i in ids:
         image = torch.from_numpy(read_image(root / "images" / f"{i}.png")).permute(2, 0, 1).float() / 255.0
-        x = imagenet_normalize(torch.stack([image, image.flip(-1)]))
+        x = normalize(torch.stack([image, image.flip(-1)]))
         cam = F.relu(torch.einsum("kc,bchw->bkhw", fc_weight, net.forward_features(x)))
         cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
         cam = cam[0] + cam[1].flip(-1)

@@ -11,6 +11,7 @@ from ecaseg.affinity import cosine_affinity, propagate_with_background, random_w
 from ecaseg.cam import cam_probabilities, cam_to_label, minmax_normalize
 from ecaseg.carm import CARMGenerator
 from ecaseg.crf import CRFParams
+from ecaseg.data import normalize
 from ecaseg.dino_affinity import DINO_VARIANTS, DINOAffinity
 from ecaseg.dino_features import PAPER_CARM_SETTINGS, CARMSettings, DINOFeatures
 from ecaseg.metrics import SegmentationMetric
@@ -20,7 +21,6 @@ from ecaseg.refine import (
     REFINE_METHODS,
     CAMRefiner,
     crf_params_for_size,
-    imagenet_normalize,
     refine_cams,
     search_carm_settings,
 )
@@ -177,7 +177,7 @@ def test_threshold_and_par_equal_the_blocks() -> None:
 def test_carm_method_equals_the_generator(dino: DINOAffinity) -> None:
     images, cams, labels = _batch(3)
     out = CAMRefiner(4, "carm", dino)(images, cams, labels)
-    carm = CARMGenerator.for_affinity(dino, 4)(cams, labels, dino(imagenet_normalize(images))).carm
+    carm = CARMGenerator.for_affinity(dino, 4)(cams, labels, dino(normalize(images))).carm
     assert out.carm is not None and torch.allclose(out.carm, carm)
     up = torch.nn.functional.interpolate(carm[:, 1:], size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.equal(out.label, cam_to_label(up, labels, alpha=0.5))
@@ -216,7 +216,7 @@ def test_search_carm_settings_picks_the_best_row(dino: DINOAffinity) -> None:
     # each row's figure is the thresholded CARM of those settings
     row = rows[-1]
     gen = CARMGenerator.for_affinity(CARMSettings(gamma=row["gamma"], fg_cue=row["fg_cue"]), 4)
-    carm = gen(cams, labels, dino(imagenet_normalize(images))).carm
+    carm = gen(cams, labels, dino(normalize(images))).carm
     up = torch.nn.functional.interpolate(carm[:, 1:], size=(32, 32), mode="bilinear", align_corners=False)
     metric = SegmentationMetric(4)
     metric.update(cam_to_label(up, labels), masks)
@@ -266,9 +266,7 @@ def test_default_refinement_improves_outside_cams(dino: DINOAffinity) -> None:
     masks = torch.stack([torch.from_numpy(s["mask"]).long() for s in items])
     labels = torch.stack([s["label"].float() for s in items])
     with torch.no_grad():
-        cams = torch.einsum(
-            "kc,bchw->bkhw", clf.fc.weight, clf.forward_features(imagenet_normalize(images))
-        ).relu()
+        cams = torch.einsum("kc,bchw->bkhw", clf.fc.weight, clf.forward_features(normalize(images))).relu()
     cams = cams / cams.flatten(2).amax(-1).clamp_min(1e-5)[..., None, None] * labels[:, :, None, None]
     miou = {}
     for method in ("threshold", DEFAULT_METHOD):
