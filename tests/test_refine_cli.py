@@ -234,3 +234,27 @@ def test_default_method_is_the_best_recorded() -> None:
     summary = json.loads(records[-1].read_text())["figures"]["summary"]
     means = {m: statistics.mean(src[m]["miou_mean"] for src in summary.values()) for m in REFINE_METHODS}
     assert max(means, key=lambda m: means[m]) == DEFAULT_METHOD, means
+
+
+def test_nothing_is_written_before_the_checks_and_the_vit_pass(
+    dataset: dict[str, Path], tmp_path: Path
+) -> None:
+    """A wrong --dino-weights or a labels file without a row stops the run before --out is created, so the
+    corrected run is not refused as "another run"; a manifest without any label does not block a new run."""
+    from ecaseg.errors import CheckpointError
+
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError):
+        refine_folder(
+            _job(dataset, out, method="carm", dino="vit_nano_p8", dino_weights=str(tmp_path / "no.pth"))
+        )
+    assert not out.exists()
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"val_000000": ["circle"]}))
+    with pytest.raises(DatasetError, match=r"has no row for val_000001 \(4 ids missing\)"):
+        refine_folder(_job(dataset, out, labels=labels, classes=dataset["root"] / "classes.txt"))
+    assert not out.exists()
+    out.mkdir()
+    (out / "refine.json").write_text(json.dumps({"method": "crf"}))  # an earlier run that wrote no label
+    assert refine_folder(_job(dataset, out))["refined"] == 5
+    assert json.loads((out / "refine.json").read_text())["method"] == "threshold"

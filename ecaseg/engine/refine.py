@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from ecaseg.data.classes import voc_palette
-from ecaseg.data.folder import parse_labels_file
+from ecaseg.data.folder import parse_labels_file, resolve_class_names
 from ecaseg.data.io import read_image, read_mask, write_mask
+from ecaseg.engine.config import resolve_device
 from ecaseg.errors import ConfigError, DatasetError
 from ecaseg.metrics import SegmentationMetric
 from ecaseg.refine import DEFAULT_METHOD, REFINE_METHODS, CAMRefiner, RefineMethod
-from ecaseg.utils.io import atomic_write, atomic_write_text
+from ecaseg.utils.io import atomic_write, atomic_write_text, json_dumps_finite
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -312,7 +313,7 @@ def _check_job(job: RefineJob) -> None:
             earlier = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise DatasetError(f"cannot read {manifest}: {err}") from None
-        if earlier != job.manifest():
+        if earlier != job.manifest() and any(job.out.glob("*.png")):
             diff = sorted(k for k in job.manifest() if earlier.get(k) != job.manifest()[k])
             raise ConfigError(
                 f"--out {job.out} holds the labels of another refine run (differs in {', '.join(diff)}); "
@@ -335,26 +336,13 @@ def _index(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
 def _class_names(job: RefineJob) -> list[str]:
     if job.classes is None:
         return ["background", *(f"class{i}" for i in range(1, job.num_classes))]
-    try:
-        names = [n.strip() for n in job.classes.read_text(encoding="utf-8-sig").splitlines() if n.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read --classes {job.classes}: {err}") from None
+    names = list(resolve_class_names(job.classes))
     if len(names) != job.num_classes:
         raise DatasetError(
             f"--classes {job.classes} lists {len(names)} names but --num-classes is {job.num_classes} "
             "(both count the background, first)"
         )
     return names
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: torch reports no CUDA device; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return torch.device(name)
 
 
 def _batches(ids: list[str], sizes: dict[str, tuple[int, int]], batch_size: int) -> Iterator[list[str]]:
@@ -399,11 +387,18 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
         if lacking:
             raise DatasetError(f"no mask {lacking[0]}.png in --masks {job.masks} ({len(lacking)} missing)")
     ids = sorted(cams_index)
+    if job.labels is not None:
+        absent = [i for i in ids if i not in label_of]
+        if absent:
+            raise DatasetError(
+                f"--labels {job.labels} has no row for {absent[0]} ({len(absent)} ids missing)"
+            )
+    # every check, and the ViT's weights, before the first file is written
+    device = resolve_device(job.device, "--device")
+    refiner = _build_refiner(job, device)
     job.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.out / _MANIFEST, json.dumps(job.manifest(), indent=2))
     todo = [i for i in ids if not (job.out / f"{i}.png").is_file()]
-    device = _device(job.device)
-    refiner = _build_refiner(job, device)
     palette = voc_palette()
     metric = SegmentationMetric(job.num_classes) if job.masks is not None else None
     start = time.perf_counter()
@@ -419,10 +414,6 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
         sizes = {i: (images[i].shape[0], images[i].shape[1]) for i in chunk}
         for batch_ids in _batches(chunk, sizes, job.batch_size):
             files = [read_cam_file(cams_index[i], num_fg, sizes[i], label_of.get(i)) for i in batch_ids]
-            if job.labels is not None:
-                absent = [i for i in batch_ids if i not in label_of]
-                if absent:
-                    raise DatasetError(f"--labels {job.labels} has no row for {absent[0]}")
             grids = {tuple(f.cams.shape[-2:]) for f in files}
             if len(grids) > 1:  # CAMs at different grids: bring them to the first image's size
                 size = sizes[batch_ids[0]]
@@ -474,20 +465,10 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
             "pixel_accuracy": scores["pixel_accuracy"],
             **summary,
         }
-        atomic_write_text(job.out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+        atomic_write_text(job.out / "metrics.json", json_dumps_finite(metrics, "metrics.json"))
         atomic_write_text(job.out / "report.md", _report(metrics, job))
         summary["miou"] = scores["miou"]
     return summary
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _pct(v: float) -> str:
