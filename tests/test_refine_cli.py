@@ -258,3 +258,15 @@ def test_nothing_is_written_before_the_checks_and_the_vit_pass(
     (out / "refine.json").write_text(json.dumps({"method": "crf"}))  # an earlier run that wrote no label
     assert refine_folder(_job(dataset, out))["refined"] == 5
     assert json.loads((out / "refine.json").read_text())["method"] == "threshold"
+
+
+def test_a_mask_of_another_size_is_named(dataset: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from ecaseg.data.io import write_mask
+
+    masks = tmp_path / "masks"
+    shutil.copytree(dataset["masks"], masks)
+    write_mask(masks / "val_000002.png", np.zeros((16, 32), np.uint8))
+    with pytest.raises(DatasetError, match=r"val_000002.png is 16x32 but its image is 32x32"):
+        refine_folder(_job(dataset, tmp_path / "out", masks=masks))

@@ -436,6 +436,8 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
                     maps = out.scores[j].cpu().float().numpy()
                     write_cam_file(job.out / "npy" / f"{i}.npy", keys, maps[keys + 1], bg=maps[0])
                 write_mask(job.out / f"{i}.png", label[j], palette=palette)
+                if metric is not None:
+                    _score(metric, label[j], mask_index[i], job.num_classes)
             bar.update(len(batch_ids))
     bar.close()
     summary: dict[str, Any] = {
@@ -447,13 +449,13 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
         "refine_ms_per_image": 1000.0 * refine_seconds / max(len(todo), 1),
         "device": str(device),
     }
-    if metric is not None and job.masks is not None:
-        for i in ids:
-            pred = read_mask(job.out / f"{i}.png", job.num_classes)
-            gt = read_mask(mask_index[i], job.num_classes)
-            if pred.shape != gt.shape:
-                raise DatasetError(f"mask {mask_index[i]} is {gt.shape} but its image is {pred.shape}")
-            metric.update(torch.from_numpy(pred).long(), torch.from_numpy(gt).long())
+    if metric is not None:
+        done = set(todo)
+        for i in ids:  # labels of an earlier run, read back so that the metrics cover every id
+            if i not in done:
+                _score(
+                    metric, read_mask(job.out / f"{i}.png", job.num_classes), mask_index[i], job.num_classes
+                )
         scores = metric.compute()
         precision, recall = precision_recall(scores["confusion"])
         metrics = {
@@ -469,6 +471,16 @@ def refine_folder(job: RefineJob) -> dict[str, Any]:
         atomic_write_text(job.out / "report.md", _report(metrics, job))
         summary["miou"] = scores["miou"]
     return summary
+
+
+def _score(metric: SegmentationMetric, label: np.ndarray, mask_path: Path, num_classes: int) -> None:
+    gt = read_mask(mask_path, num_classes)
+    if gt.shape != label.shape:
+        raise DatasetError(
+            f"mask {mask_path} is {gt.shape[0]}x{gt.shape[1]} but its image is "
+            f"{label.shape[0]}x{label.shape[1]}; is it the mask of another image?"
+        )
+    metric.update(torch.from_numpy(label).long(), torch.from_numpy(gt).long())
 
 
 def _pct(v: float) -> str:
