@@ -244,7 +244,7 @@ def test_nothing_is_written_before_the_checks_and_the_vit_pass(
     from ecaseg.errors import CheckpointError
 
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"--dino vit_nano_p8: .*no.pth.*--dino-weights FILE"):
         refine_folder(
             _job(dataset, out, method="carm", dino="vit_nano_p8", dino_weights=str(tmp_path / "no.pth"))
         )

@@ -37,7 +37,7 @@ from ecaseg.data.classes import voc_palette
 from ecaseg.data.folder import parse_labels_file, resolve_class_names
 from ecaseg.data.io import read_image, read_mask, write_mask
 from ecaseg.engine.config import resolve_device
-from ecaseg.errors import ConfigError, DatasetError
+from ecaseg.errors import CheckpointError, ConfigError, DatasetError
 from ecaseg.metrics import SegmentationMetric
 from ecaseg.refine import DEFAULT_METHOD, REFINE_METHODS, CAMRefiner, RefineMethod
 from ecaseg.utils.io import atomic_write, atomic_write_text, json_dumps_finite
@@ -511,7 +511,12 @@ def _build_refiner(job: RefineJob, device: torch.device) -> CAMRefiner:
     if job.method in ("random_walk", "carm", "carm_par", "carm_crf"):
         from ecaseg.dino_affinity import DINOAffinity
 
-        dino = DINOAffinity(job.dino, weights=job.dino_weights).to(device)
+        try:
+            dino = DINOAffinity(job.dino, weights=job.dino_weights).to(device)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"--dino {job.dino}: {err} With ecaseg refine: --dino-weights FILE."
+            ) from None
     carm = None
     if job.method.startswith("carm") and job.carm_overrides:
         from ecaseg.carm import CARMGenerator
