@@ -308,8 +308,9 @@ def search_carm_settings(
     For each combination of graph threshold, foreground cue and seed fraction, the CARMs of all images are
     thresholded at ``alpha`` (method ``"carm"``) and scored against the masks; the ViT runs once per batch.
     Use the returned settings with ``DINOAffinity.from_model(vit, carm_settings=best)`` or
-    ``CARMGenerator.for_affinity(best, num_classes)``. Twenty images with masks are usually enough to rank
-    the settings; the values in between the grid rarely matter (docs, "Bring your own CAMs").
+    ``CARMGenerator.for_affinity(best, num_classes)``. How many images it needs: docs, "Bring your own
+    CAMs" (on the synthetic benchmark, 20 images chose as 100 did on one seed, a neighbouring gamma on the
+    other).
 
     Args:
         dino: The affinity ViT.
