@@ -146,10 +146,6 @@ def test_random_walk_refuses_negative_affinity() -> None:
 # --- CAMRefiner --------------------------------------------------------------------------------------------
 
 
-def test_default_method_is_a_method() -> None:
-    assert DEFAULT_METHOD in REFINE_METHODS
-
-
 @pytest.mark.parametrize("method", REFINE_METHODS)
 def test_each_method_labels_only_present_classes(method: str, dino: DINOAffinity) -> None:
     images, cams, labels = _batch()
